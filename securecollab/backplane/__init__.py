@@ -1,0 +1,85 @@
+"""Backplane port: state and fan-out shared by every node of a deployment.
+
+Adapters: `backplane/memory.py` (default, one process) and, for scale-out, a Redis
+adapter (pub/sub for fan-out, ZSET sliding windows, TTL keys for presence) that must
+pass the same contract suite (`tests/backplane/`).
+
+The port has three parts:
+
+- rate limits: `hit()` — a sliding-window counter keyed by any string;
+- fan-out: `publish()` sends a `Delivery` to every node (this one included); each
+  node's broker registers one local handler with `subscribe()` and delivers to its own
+  sessions. Services publish; only the broker subscribes.
+- presence: per-user session registrations with a TTL, so a crashed node cannot
+  leave users ONLINE forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    allowed: bool
+    count: int  # hits inside the window, this one included when allowed
+    retry_after_ms: int  # 0 when allowed; else when the oldest hit leaves the window
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message for local delivery on every node.
+
+    kind "user": to every session of `user_id` subscribed to `destination`
+    (a user destination as the client wrote it, e.g. "/user/queue/private").
+    kind "topic": to every subscriber of `destination` (e.g. "/topic/messages/<id>").
+    kind "control": broker instructions (e.g. end a user's channel subscription);
+    `headers` carry the details.
+    """
+
+    kind: str
+    destination: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    user_id: str | None = None
+    message_id: str | None = None
+    exclude_session: str | None = None  # e.g. the sending session in multi-device sync
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceRecord:
+    user_id: str
+    status: str  # "ONLINE" | "AWAY" | "OFFLINE"
+    devices: tuple[str, ...]
+    last_seen: int  # ms epoch
+
+
+class Backplane(Protocol):
+    async def hit(self, key: str, limit: int, window_ms: int, now_ms: int) -> RateDecision:
+        """Count one hit for `key` in a sliding window; refuse (and do not count) over limit."""
+        ...
+
+    async def publish(self, delivery: Delivery) -> None:
+        """Fan `delivery` out to every node's handler, this node's included."""
+        ...
+
+    def subscribe(self, handler: DeliveryHandler) -> None:
+        """Register this node's local delivery handler (the broker calls it once)."""
+        ...
+
+    async def presence_connect(
+        self, user_id: str, session_id: str, device: str, now_ms: int, ttl_ms: int
+    ) -> PresenceRecord: ...
+
+    async def presence_refresh(self, user_id: str, session_id: str, now_ms: int, ttl_ms: int) -> None: ...
+
+    async def presence_set_status(self, user_id: str, status: str, now_ms: int) -> PresenceRecord: ...
+
+    async def presence_disconnect(self, user_id: str, session_id: str, now_ms: int) -> PresenceRecord: ...
+
+    async def presence_get(self, user_ids: list[str], now_ms: int) -> dict[str, PresenceRecord]: ...

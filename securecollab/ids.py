@@ -1,0 +1,42 @@
+"""Identifiers and clocks shared by every layer."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+
+def now_ms() -> int:
+    """Wall-clock time in integer milliseconds since the epoch."""
+    return time.time_ns() // 1_000_000
+
+
+_last_v7 = 0
+
+
+def uuid7() -> str:
+    """A UUIDv7 (RFC 9562) as text: time-ordered, so sorting ids sorts by creation time.
+
+    Monotonic within this process even when several ids share a millisecond: the 74
+    random bits are replaced by a counter continuing from the previous id.
+    """
+    global _last_v7
+    ms = now_ms()
+    rand = int.from_bytes(os.urandom(10), "big") & ((1 << 74) - 1)
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    if value <= _last_v7:
+        # same or earlier millisecond: step the previous id by one in its random bits
+        prev = _last_v7 + 1
+        if (prev >> 62) & 0b11 != 0b10:  # carried into the variant bits: skip ahead
+            prev = ((prev >> 64) + 1) << 64 | (0b10 << 62)
+            if (prev >> 76) & 0xF != 0x7:
+                prev = (prev & ~(0xF << 76)) | (0x7 << 76)
+        value = prev
+    _last_v7 = value
+    return str(uuid.UUID(int=value))
+
+
+def new_id() -> str:
+    """A random UUIDv4 text, for ids that need no ordering."""
+    return str(uuid.uuid4())
