@@ -1,0 +1,279 @@
+"""Sending and reading E2EE messages: the one implementation behind both doors.
+
+`MessageService.send` is what `POST /api/chat/send-message` and `SEND /app/chat/send`
+call. Its order of work is the durability contract:
+
+1. validate the envelope (`services.envelope`) and authorize (recipient exists, or
+   the sender is a member of the channel);
+2. ONE store call (`insert_message`) writes the message row, the offline-queue
+   entries for recipients with no live session, and an outbox row (topic
+   `chat.messages`, keyed by the message id) in one commit;
+3. only then publish deliveries through the backplane, and only then does the caller
+   answer 2xx / RECEIPT. A 2xx or a RECEIPT therefore means "durable".
+
+Idempotency: a send with a `clientMessageId` the same sender already used returns the
+original message (`created=False`) and publishes nothing again.
+
+Offline queue: a 1:1 message is queued for the recipient when the recipient has no
+live STOMP session (backplane presence OFFLINE). Channel messages are queued too, for
+every member other than the sender who has no live session, and reach them on
+`/user/queue/private` with `channelId` set. Queueing is per user, not per device: a
+device that was offline while another of the user's devices received a message
+catches up through history.
+
+History is newest first; `limit` is 1..`MAX_PAGE_LIMIT` (more is refused, not clamped,
+so a client never silently gets fewer rows than it asked for).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from securecollab.backplane import Backplane, Delivery
+from securecollab.ids import now_ms, uuid7
+from securecollab.services.envelope import Envelope, parse_envelope
+from securecollab.services.errors import InvalidInput, NotFoundError
+from securecollab.store import MessageRecord, OutboxRecord, Page, Store
+
+log = logging.getLogger(__name__)
+
+PRIVATE_QUEUE = "/user/queue/private"
+MESSAGES_TOPIC = "chat.messages"
+MAX_PAGE_LIMIT = 200
+MAX_PAGE_OFFSET = 100_000
+JSON_HEADERS = (("content-type", "application/json"),)
+
+
+def channel_topic(channel_id: str) -> str:
+    """The STOMP topic a channel's messages are delivered on."""
+    return f"/topic/messages/{channel_id}"
+
+
+def message_json(m: MessageRecord) -> dict[str, Any]:
+    """The client-facing shape of a message (delivery bodies and history rows)."""
+    return {
+        "id": m.id,
+        "from": m.sender_id,
+        "to": m.recipient_id,
+        "channelId": m.channel_id,
+        "encryptedContent": m.encrypted_content,
+        "iv": m.iv,
+        "keys": m.keys,
+        "createdAt": m.created_at,
+        # The SDK binds clientMessageId into the AES-GCM associated data, so a
+        # reader needs it to decrypt.
+        "clientMessageId": m.client_message_id,
+    }
+
+
+def message_body(m: MessageRecord) -> bytes:
+    """A delivery body: compact UTF-8 JSON of `message_json`."""
+    return json.dumps(message_json(m), separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    message: MessageRecord
+    created: bool  # False on an idempotent retry (clientMessageId seen before)
+
+
+def parse_page(params: Mapping[str, str]) -> Page:
+    """Build a `Page` from query parameters; raise InvalidInput naming the bad one.
+
+    limit 1..200 (default 50), offset 0..100000 (default 0), fromDate/toDate ms epoch,
+    before = a message id (cursor: only older messages).
+    """
+
+    def as_int(name: str, default: int | None, lo: int, hi: int) -> int | None:
+        raw = params.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidInput(f"{name} must be an integer") from None
+        if not lo <= value <= hi:
+            raise InvalidInput(f"{name} must be between {lo} and {hi}")
+        return value
+
+    limit = as_int("limit", 50, 1, MAX_PAGE_LIMIT)
+    offset = as_int("offset", 0, 0, MAX_PAGE_OFFSET)
+    from_date = as_int("fromDate", None, 0, 2**53)
+    to_date = as_int("toDate", None, 0, 2**53)
+    if from_date is not None and to_date is not None and from_date > to_date:
+        raise InvalidInput("fromDate must not be after toDate")
+    before = params.get("before") or None
+    if before is not None and (len(before) > 64 or not before.replace("-", "").isalnum()):
+        raise InvalidInput("before must be a message id")
+    assert limit is not None and offset is not None
+    return Page(limit=limit, offset=offset, from_date=from_date, to_date=to_date, before_id=before)
+
+
+class MessageService:
+    """Send, deliver and page messages. Stateless apart from its ports."""
+
+    def __init__(
+        self,
+        store: Store,
+        backplane: Backplane,
+        *,
+        max_content_bytes: int = 65536,
+        offline_ttl_ms: int = 7 * 24 * 3600 * 1000,
+    ) -> None:
+        self.store = store
+        self.backplane = backplane
+        self.max_content_bytes = max_content_bytes
+        self.offline_ttl_ms = offline_ttl_ms
+
+    # ------------------------------------------------------------------ sending
+    async def send(
+        self, sender_id: str, payload: object, *, session_id: str | None = None
+    ) -> SendResult:
+        """Validate, durably store, then deliver one message.
+
+        `payload` is the decoded JSON the client sent. `session_id` is the sending
+        STOMP session (excluded from multi-device sync); None for REST sends.
+        Raises InvalidInput (bad envelope), NotFoundError (unknown recipient or channel, or a
+        channel the sender is not in).
+        """
+        env = parse_envelope(payload, max_content_bytes=self.max_content_bytes)
+        if env.to is not None:
+            recipients, recipient_id = await self._direct_recipients(env)
+        else:
+            assert env.channel_id is not None
+            recipients, recipient_id = (
+                await self._channel_recipients(sender_id, env.channel_id),
+                None,
+            )
+
+        now = now_ms()
+        message = MessageRecord(
+            id=uuid7(),
+            sender_id=sender_id,
+            recipient_id=recipient_id,
+            channel_id=env.channel_id,
+            encrypted_content=env.encrypted_content,
+            iv=env.iv,
+            keys=env.keys,
+            created_at=now,
+            client_message_id=env.client_message_id,
+        )
+        offline = await self._offline_users([u for u in recipients if u != sender_id], now)
+        outbox = OutboxRecord(
+            id=message.id,
+            topic=MESSAGES_TOPIC,
+            key=message.id,
+            # Metadata only: the event log has no use for ciphertext it cannot read.
+            payload=json.dumps(
+                {
+                    "id": message.id,
+                    "from": sender_id,
+                    "to": recipient_id,
+                    "channelId": env.channel_id,
+                    "createdAt": now,
+                    "contentBytes": len(env.encrypted_content) * 3 // 4,
+                },
+                separators=(",", ":"),
+            ).encode(),
+            created_at=now,
+        )
+        result = await self.store.insert_message(
+            message,
+            offline_for=offline,
+            offline_expires_at=now + self.offline_ttl_ms,
+            outbox=[outbox],
+        )
+        if result.created:
+            await self._deliver(result.message, session_id)
+        return SendResult(result.message, result.created)
+
+    async def _direct_recipients(self, env: Envelope) -> tuple[list[str], str]:
+        assert env.to is not None
+        user = await self.store.get_user(env.to)
+        if user is None or user.deleted_at is not None:
+            raise NotFoundError(f"recipient {env.to} does not exist")
+        return [user.user_id], user.user_id  # the stored spelling, not the client's
+
+    async def _channel_recipients(self, sender_id: str, channel_id: str) -> list[str]:
+        members = await self.store.list_channel_members(channel_id)
+        if not any(m.user_id == sender_id for m in members):
+            # Same answer for "no such channel" and "not a member": no probing.
+            raise NotFoundError(f"channel {channel_id} not found")
+        return [m.user_id for m in members]
+
+    async def _offline_users(self, user_ids: list[str], now: int) -> list[str]:
+        if not user_ids:
+            return []
+        presence = await self.backplane.presence_get(user_ids, now)
+        return [u for u in user_ids if presence.get(u) is None or presence[u].status == "OFFLINE"]
+
+    async def _deliver(self, m: MessageRecord, session_id: str | None) -> None:
+        """Publish the committed message; a fan-out failure never undoes a send."""
+        body = message_body(m)
+        deliveries: list[Delivery] = []
+        if m.channel_id is not None:
+            deliveries.append(
+                Delivery(
+                    kind="topic",
+                    destination=channel_topic(m.channel_id),
+                    body=body,
+                    headers=JSON_HEADERS,
+                    message_id=m.id,
+                    exclude_session=session_id,
+                )
+            )
+        else:
+            assert m.recipient_id is not None
+            if m.recipient_id != m.sender_id:
+                deliveries.append(
+                    Delivery(
+                        kind="user",
+                        destination=PRIVATE_QUEUE,
+                        body=body,
+                        headers=JSON_HEADERS,
+                        user_id=m.recipient_id,
+                        message_id=m.id,
+                    )
+                )
+            # Multi-device sync: the sender's other sessions see what this one sent.
+            deliveries.append(
+                Delivery(
+                    kind="user",
+                    destination=PRIVATE_QUEUE,
+                    body=body,
+                    headers=JSON_HEADERS,
+                    user_id=m.sender_id,
+                    message_id=m.id,
+                    exclude_session=session_id,
+                )
+            )
+        for d in deliveries:
+            try:
+                await self.backplane.publish(d)
+            except Exception:
+                # The message is committed (history, offline queue, outbox); a lost
+                # live delivery is recovered by the client's history fetch.
+                log.exception("delivery of message %s failed", m.id)
+
+    # ------------------------------------------------------------------ reading
+    async def direct_history(self, user_id: str, with_user: str, page: Page) -> list[MessageRecord]:
+        """The caller's 1:1 conversation with `with_user`, newest first.
+
+        Only ever the caller's own conversation: the caller is always one side.
+        """
+        other = await self.store.get_user(with_user)
+        if other is None:
+            raise NotFoundError(f"user {with_user} does not exist")
+        return await self.store.list_direct_messages(user_id, other.user_id, page)
+
+    async def channel_history(
+        self, user_id: str, channel_id: str, page: Page
+    ) -> list[MessageRecord]:
+        """A channel's messages, newest first; members only (others get NotFoundError)."""
+        if await self.store.get_member(channel_id, user_id) is None:
+            raise NotFoundError(f"channel {channel_id} not found")
+        return await self.store.list_channel_messages(channel_id, page)
