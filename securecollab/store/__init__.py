@@ -216,9 +216,7 @@ class Store(Protocol):
 
     async def get_refresh_token(self, token_hash: str) -> RefreshTokenRecord | None: ...
 
-    async def rotate_refresh_token(
-        self, old_hash: str, new: RefreshTokenRecord, at: int
-    ) -> bool:
+    async def rotate_refresh_token(self, old_hash: str, new: RefreshTokenRecord, at: int) -> bool:
         """Atomically mark `old_hash` used and insert `new`.
 
         Returns False (and inserts nothing) when the old token was already used or
@@ -297,7 +295,9 @@ class Store(Protocol):
 
     async def get_message(self, message_id: str) -> MessageRecord | None: ...
 
-    async def list_direct_messages(self, user_a: str, user_b: str, page: Page) -> list[MessageRecord]:
+    async def list_direct_messages(
+        self, user_a: str, user_b: str, page: Page
+    ) -> list[MessageRecord]:
         """Messages between the two users in either direction, newest first."""
         ...
 
@@ -342,9 +342,13 @@ def open_store(
     if url.startswith("sqlite:"):
         from securecollab.store.sqlite import open_sqlite
 
-        return open_sqlite(url, batch_max=batch_max, batch_wait_ms=batch_wait_ms, read_pool=read_pool)
+        return open_sqlite(
+            url, batch_max=batch_max, batch_wait_ms=batch_wait_ms, read_pool=read_pool
+        )
     if url.startswith(("postgresql:", "postgres:")):
         from securecollab.store.postgres import open_postgres
 
-        return open_postgres(url, batch_max=batch_max, batch_wait_ms=batch_wait_ms, read_pool=read_pool)
+        return open_postgres(
+            url, batch_max=batch_max, batch_wait_ms=batch_wait_ms, read_pool=read_pool
+        )
     raise ValueError(f"unsupported store url {url!r}: use sqlite:///path or postgresql://...")

@@ -1,0 +1,104 @@
+"""What both adapters' writers share: the pending-write record, the batching policy, stats.
+
+A caller's write becomes a `WriteOp` queued to the adapter's single writer. The writer
+takes every pending op (up to `batch_max`), runs each in its own SAVEPOINT inside one
+transaction, commits once, then completes every op on the trio thread (`WriteOp.finish`),
+which wakes its waiter. An op that fails rolls back only its own savepoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from securecollab.store import BatchStats, StoreStats
+from securecollab.store.metrics import STORE_BATCH_SIZE, STORE_COMMIT_SECONDS, STORE_WRITES
+
+T = TypeVar("T")
+
+#: How many recent batches `StoreStats.last_batches` keeps (oldest dropped first).
+BATCH_HISTORY = 1000
+
+
+class WriteOp(Generic[T]):
+    """One queued write: the function the writer runs, then its outcome.
+
+    `fn` receives the writer's connection (sqlite3.Connection, or asyncpg.Connection for
+    an async `fn`). `result`/`error` are set by the writer, `finish()` is called on the trio
+    thread once the batch's fate is known.
+    """
+
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[Any], T]) -> None:
+        self.fn = fn
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+    async def wait(self) -> T:
+        """Wait until the op's batch is committed (or failed); return or raise its outcome."""
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+
+class BatchPolicy:
+    """When the writer should wait for more ops before committing.
+
+    It always takes everything already pending (up to `batch_max`). It then lingers up to
+    `batch_wait_ms` for stragglers only when it sees concurrency (more than one op pending
+    now or in the previous batch): a lone writer awaiting one write at a time is never
+    delayed, while many concurrent writers fill bigger batches.
+    """
+
+    def __init__(self, batch_max: int, batch_wait_ms: float) -> None:
+        if batch_max < 1:
+            raise ValueError("batch_max must be >= 1")
+        if batch_wait_ms < 0:
+            raise ValueError("batch_wait_ms must be >= 0")
+        self.batch_max = batch_max
+        self.wait_seconds = batch_wait_ms / 1000.0
+        self._last_size = 0
+
+    def linger_seconds(self, size_now: int) -> float:
+        """How long to keep collecting, given `size_now` ops already taken."""
+        if size_now >= self.batch_max or self.wait_seconds <= 0:
+            return 0.0
+        if size_now > 1 or self._last_size > 1:
+            return self.wait_seconds
+        return 0.0
+
+    def batch_done(self, size: int) -> None:
+        self._last_size = size
+
+
+def observe_batch(adapter: str, ops: list[WriteOp[Any]], seconds: float) -> None:
+    """Record one batch in Prometheus (thread-safe; called by the writer)."""
+    failed = sum(1 for op in ops if op.error is not None)
+    STORE_BATCH_SIZE.labels(adapter).observe(len(ops))
+    STORE_COMMIT_SECONDS.labels(adapter).observe(seconds)
+    if len(ops) - failed:
+        STORE_WRITES.labels(adapter, "ok").inc(len(ops) - failed)
+    if failed:
+        STORE_WRITES.labels(adapter, "error").inc(failed)
+
+
+def finish_batch(stats: StoreStats, ops: list[WriteOp[Any]], seconds: float) -> None:
+    """Update `stats` and wake every waiter of the batch. Call on the trio thread only."""
+    stats.batches += 1
+    stats.writes += len(ops)
+    stats.last_batches.append(BatchStats(size=len(ops), seconds=seconds))
+    if len(stats.last_batches) > BATCH_HISTORY:
+        del stats.last_batches[0]
+    for op in ops:
+        op.done.set()
+
+
+def monotonic() -> float:
+    """Clock for commit timings, in seconds."""
+    return time.perf_counter()

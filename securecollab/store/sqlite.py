@@ -1,0 +1,871 @@
+"""SQLite adapter of the Store port: one file in WAL mode, one writer thread, pooled readers.
+
+Writes: every write method queues a `WriteOp` to ONE writer thread owned by the store. The
+thread takes every pending op (up to `batch_max`; see `groupcommit.BatchPolicy` for the
+`batch_wait_ms` linger), runs each in its own SAVEPOINT inside one `BEGIN IMMEDIATE`
+transaction, commits once (`synchronous=FULL`: durable when COMMIT returns), then hands the
+whole batch back to the trio thread in one `run_sync_soon`, which wakes every waiter.
+A failing op (e.g. a unique violation -> `Conflict`) rolls back only its own savepoint.
+
+Reads: a small pool of separate read-only connections used from `trio.to_thread`; in WAL
+mode they read the last committed snapshot and never wait for the writer.
+Nothing here blocks the trio thread.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import trio
+
+from securecollab.store import (
+    AuditRecord,
+    ChannelRecord,
+    Conflict,
+    DeviceKeyRecord,
+    InsertResult,
+    MemberRecord,
+    MessageRecord,
+    NotFound,
+    OfflineEntry,
+    OutboxRecord,
+    Page,
+    RefreshTokenRecord,
+    StoreError,
+    StoreStats,
+    StoreUnavailable,
+    UserRecord,
+)
+from securecollab.store import rows as R
+from securecollab.store.groupcommit import (
+    BatchPolicy,
+    WriteOp,
+    finish_batch,
+    monotonic,
+    observe_batch,
+)
+from securecollab.store.schema import latest_version, pending
+
+T = TypeVar("T")
+
+ADAPTER = "sqlite"
+#: How long a connection waits for another process's lock before failing (ms).
+BUSY_TIMEOUT_MS = 5000
+
+_STOP = object()  # sentinel: the writer drains what was queued before it, then exits
+
+
+def path_from_url(url: str) -> str:
+    """`sqlite:///rel/path.db` -> `rel/path.db`; `sqlite:////abs/path.db` -> `/abs/path.db`."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ValueError(
+            f"bad SQLite url {url!r}: use sqlite:///relative/path.db or sqlite:////abs.db"
+        )
+    path = url[len(prefix) :]
+    if "?" in path or path == ":memory:":
+        raise ValueError(
+            f"bad SQLite url {url!r}: a file path is required (no :memory:, no query string)"
+        )
+    return path
+
+
+def _connect(path: str, *, read_only: bool) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; the writer issues BEGIN/COMMIT itself
+    # and readers run each SELECT in its own snapshot. check_same_thread=False because
+    # reader connections move between trio's worker threads (one thread at a time).
+    conn = sqlite3.connect(
+        path,
+        isolation_level=None,
+        check_same_thread=False,
+        timeout=BUSY_TIMEOUT_MS / 1000,
+        cached_statements=256,
+    )
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = FULL")
+    if read_only:
+        conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+def _map_error(exc: BaseException) -> BaseException:
+    """sqlite3 exceptions -> the store's exception family (others pass through)."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        text = str(exc)
+        if "UNIQUE" in text or "PRIMARY KEY" in text:
+            return Conflict(text)
+        if "FOREIGN KEY" in text:
+            return NotFound(text)
+        return StoreError(text)
+    if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
+        return StoreUnavailable(f"SQLite: {exc}")
+    return exc
+
+
+def _split_statements(script: str) -> list[str]:
+    """Split a SQL script into complete statements (sqlite3 knows where each one ends)."""
+    statements: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current)
+            current = ""
+    if current.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in current.splitlines()
+    ):
+        raise ValueError(f"incomplete SQL statement at end of migration: {current[:80]!r}")
+    return statements
+
+
+def _read_version(conn: sqlite3.Connection) -> int:
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if exists is None:
+        return 0
+    return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
+
+
+def _migrate_sync(path: str, now: int) -> int:
+    """Apply pending migrations in one IMMEDIATE transaction (serializes rival migrators)."""
+    conn = _connect(path, read_only=False)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+            )
+            current = _read_version(conn)
+            for migration in pending(ADAPTER, current):
+                for statement in _split_statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, now),
+                )
+                current = migration.version
+            conn.execute("COMMIT")
+            return current
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+
+
+class SQLiteStore:
+    """The SQLite Store. Create with `open_sqlite`; every method is trio-safe."""
+
+    def __init__(
+        self, url: str, path: str, *, batch_max: int, batch_wait_ms: float, read_pool: int
+    ) -> None:
+        if read_pool < 1:
+            raise ValueError("read_pool must be >= 1")
+        self.url = url
+        self.path = path
+        self.stats = StoreStats()
+        self._policy = BatchPolicy(batch_max, batch_wait_ms)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer_conn: sqlite3.Connection | None = None
+        self._writer_thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._readers: list[sqlite3.Connection] = []
+        self._read_slots = trio.Semaphore(read_pool)
+        self._read_limiter = trio.CapacityLimiter(read_pool)
+        self._read_pool = read_pool
+        self._closing = False
+
+    # ------------------------------------------------------------------ lifecycle (internal)
+
+    def _open_sync(self) -> None:
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        conn = _connect(self.path, read_only=False)
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            conn.close()
+            raise StoreUnavailable(f"SQLite at {self.path} refused WAL mode (got {mode!r})")
+        self._writer_conn = conn
+        self._readers = [_connect(self.path, read_only=True) for _ in range(self._read_pool)]
+
+    def _start_writer(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._writer_thread = threading.Thread(
+            target=self._writer_main, name=f"sqlite-writer:{self.path}", daemon=True
+        )
+        self._writer_thread.start()
+
+    async def _close(self) -> None:
+        """Drain queued writes, stop the writer thread, close every connection."""
+        self._closing = True
+        if self._writer_thread is not None:
+            self._queue.put(_STOP)
+            await trio.to_thread.run_sync(self._writer_thread.join)
+        # readers: wait until no read holds a connection, then close them all
+        for _ in range(self._read_pool):
+            await self._read_slots.acquire()
+        for conn in self._readers:
+            conn.close()
+        self._readers = []
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _writer_main(self) -> None:
+        conn = self._writer_conn
+        assert conn is not None
+        try:
+            stop = False
+            while not stop:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                batch: list[WriteOp[Any]] = [item]
+                stop = self._collect(batch)
+                self._run_batch(conn, batch)
+        finally:
+            conn.close()
+
+    def _collect(self, batch: list[WriteOp[Any]]) -> bool:
+        """Add pending ops to `batch` per the policy; return True if the stop sentinel came."""
+        limit = self._policy.batch_max
+        while len(batch) < limit:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return True
+            batch.append(item)
+        linger = self._policy.linger_seconds(len(batch))
+        if linger > 0:
+            deadline = monotonic() + linger
+            while len(batch) < limit:
+                remaining = deadline - monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    return True
+                batch.append(item)
+        return False
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[WriteOp[Any]]) -> None:
+        started = monotonic()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    op.result = op.fn(conn)
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        # SQLite rolled back the whole transaction (I/O error, disk full):
+                        # the earlier ops of the batch are lost too
+                        raise
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    op.error = _map_error(exc)
+                else:
+                    conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            failure = StoreUnavailable(f"SQLite commit failed: {exc}")
+            for op in batch:
+                if op.error is None:
+                    op.result = None
+                    op.error = failure
+        seconds = monotonic() - started
+        self._policy.batch_done(len(batch))
+        observe_batch(ADAPTER, batch, seconds)
+        assert self._token is not None
+        try:
+            self._token.run_sync_soon(finish_batch, self.stats, batch, seconds)
+        except trio.RunFinishedError:  # the trio run is gone: nobody is waiting any more
+            pass
+
+    def _queued(self) -> int:
+        """Writes waiting for the writer thread (not counting the batch in progress)."""
+        return self._queue.qsize()
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Queue `fn` for the writer thread; return its result once its batch committed."""
+        if self._closing or self._writer_thread is None:
+            raise StoreUnavailable("the store is closed")
+        op: WriteOp[T] = WriteOp(fn)
+        self._queue.put(op)
+        return await op.wait()
+
+    # ------------------------------------------------------------------ readers
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on a pooled read connection in a worker thread."""
+        if self._closing:
+            raise StoreUnavailable("the store is closed")
+        async with self._read_slots:
+            conn = self._readers.pop()
+            try:
+                return await trio.to_thread.run_sync(
+                    _run_read, fn, conn, limiter=self._read_limiter
+                )
+            finally:
+                self._readers.append(conn)
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return await self._read(lambda c: c.execute(sql, params).fetchall())
+
+    async def _fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        # fetchall, not fetchone: a half-read cursor would keep its read snapshot open
+        rows = await self._fetchall(sql, params)
+        return rows[0] if rows else None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def migrate(self) -> int:
+        """Apply pending migrations (idempotent); return the schema version now in force."""
+        from securecollab.ids import now_ms
+
+        try:
+            return await trio.to_thread.run_sync(_migrate_sync, self.path, now_ms())
+        except sqlite3.Error as exc:
+            raise _map_error(exc) from exc
+
+    async def schema_version(self) -> int:
+        return await self._read(_read_version)
+
+    async def ping(self) -> None:
+        try:
+            await self._fetchall("SELECT 1")
+        except StoreError:
+            raise
+        except Exception as exc:  # pragma: no cover - _read maps sqlite errors already
+            raise StoreUnavailable(str(exc)) from exc
+
+    # ------------------------------------------------------------------ users
+
+    async def create_user(self, user: UserRecord) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO users (user_key, user_id, password_hash, display_name, roles,"
+                " created_at, deleted_at, deletion_scheduled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    R.user_key(user.user_id),
+                    user.user_id,
+                    user.password_hash,
+                    user.display_name,
+                    R.dumps(list(user.roles)),
+                    user.created_at,
+                    user.deleted_at,
+                    user.deletion_scheduled_at,
+                ),
+            )
+
+        await self._write(op)
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        row = await self._fetchone(
+            f"SELECT {R.USER_COLUMNS} FROM users WHERE user_key = ?", (R.user_key(user_id),)
+        )
+        return R.user_from_row(row) if row is not None else None
+
+    async def existing_users(self, user_ids: Sequence[str]) -> set[str]:
+        if not user_ids:
+            return set()
+        keys = R.dumps([R.user_key(u) for u in user_ids])
+        rows = await self._fetchall(
+            "SELECT user_id FROM users WHERE deleted_at IS NULL"
+            " AND user_key IN (SELECT value FROM json_each(?))",
+            (keys,),
+        )
+        return {row["user_id"] for row in rows}
+
+    async def set_user_deleted(self, user_id: str, at: int) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            cur = c.execute(
+                "UPDATE users SET deleted_at = ? WHERE user_key = ?", (at, R.user_key(user_id))
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no user {user_id!r}")
+
+        await self._write(op)
+
+    # ------------------------------------------------------------------ refresh tokens
+
+    async def add_refresh_token(self, token: RefreshTokenRecord) -> None:
+        await self._write(lambda c: _insert_token(c, token))
+
+    async def get_refresh_token(self, token_hash: str) -> RefreshTokenRecord | None:
+        row = await self._fetchone(
+            f"SELECT {R.TOKEN_COLUMNS} FROM refresh_tokens WHERE token_hash = ?", (token_hash,)
+        )
+        return R.token_from_row(row) if row is not None else None
+
+    async def rotate_refresh_token(self, old_hash: str, new: RefreshTokenRecord, at: int) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE refresh_tokens SET used_at = ?"
+                " WHERE token_hash = ? AND used_at IS NULL AND revoked_at IS NULL",
+                (at, old_hash),
+            )
+            if cur.rowcount == 0:
+                return False
+            _insert_token(c, new)
+            return True
+
+        return await self._write(op)
+
+    async def revoke_token_family(self, family_id: str, at: int) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "UPDATE refresh_tokens SET revoked_at = ?"
+                " WHERE family_id = ? AND revoked_at IS NULL",
+                (at, family_id),
+            )
+            return cur.rowcount
+
+        return await self._write(op)
+
+    # ------------------------------------------------------------------ audit log
+
+    async def append_audit(self, entry: AuditRecord) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO audit_log (actor, action, target, at, ip, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (entry.actor, entry.action, entry.target, entry.at, entry.ip, entry.detail),
+            )
+
+        await self._write(op)
+
+    async def list_audit(
+        self, *, actor: str | None = None, action_prefix: str | None = None, limit: int = 100
+    ) -> list[AuditRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if actor is not None:
+            where.append("actor = ?")
+            params.append(actor)
+        if action_prefix:
+            # substr, not LIKE: SQLite's LIKE is case-insensitive and treats % and _ specially
+            where.append("substr(action, 1, ?) = ?")
+            params += [len(action_prefix), action_prefix]
+        sql = f"SELECT {R.AUDIT_COLUMNS} FROM audit_log"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(max(0, limit))
+        return [R.audit_from_row(r) for r in await self._fetchall(sql, params)]
+
+    async def prune_audit(self, older_than: int) -> int:
+        return await self._write(
+            lambda c: c.execute("DELETE FROM audit_log WHERE at < ?", (older_than,)).rowcount
+        )
+
+    # ------------------------------------------------------------------ device keys
+
+    async def upsert_device_key(self, key: DeviceKeyRecord) -> tuple[DeviceKeyRecord, bool]:
+        def op(c: sqlite3.Connection) -> tuple[DeviceKeyRecord, bool]:
+            params = (
+                key.bundle_id,
+                key.public_key,
+                key.registered_at,
+                key.last_used_at,
+                key.user_id,
+                key.device_id,
+            )
+            cur = c.execute(
+                "UPDATE device_keys SET bundle_id = ?, public_key = ?, registered_at = ?,"
+                " last_used_at = ? WHERE user_id = ? AND device_id = ?",
+                params,
+            )
+            if cur.rowcount:
+                return key, True
+            c.execute(
+                "INSERT INTO device_keys (bundle_id, public_key, registered_at, last_used_at,"
+                " user_id, device_id) VALUES (?, ?, ?, ?, ?, ?)",
+                params,
+            )
+            return key, False
+
+        return await self._write(op)
+
+    async def get_device_key(self, user_id: str, device_id: str) -> DeviceKeyRecord | None:
+        row = await self._fetchone(
+            f"SELECT {R.DEVICE_KEY_COLUMNS} FROM device_keys WHERE user_id = ? AND device_id = ?",
+            (user_id, device_id),
+        )
+        return R.device_key_from_row(row) if row is not None else None
+
+    async def list_device_keys(self, user_id: str) -> list[DeviceKeyRecord]:
+        rows = await self._fetchall(
+            f"SELECT {R.DEVICE_KEY_COLUMNS} FROM device_keys WHERE user_id = ?"
+            " ORDER BY registered_at, device_id",
+            (user_id,),
+        )
+        return [R.device_key_from_row(r) for r in rows]
+
+    async def delete_device_key(self, user_id: str, device_id: str) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "DELETE FROM device_keys WHERE user_id = ? AND device_id = ?", (user_id, device_id)
+            )
+            return cur.rowcount > 0
+
+        return await self._write(op)
+
+    async def touch_device_key(self, user_id: str, device_id: str, at: int) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE device_keys SET last_used_at = ? WHERE user_id = ? AND device_id = ?",
+                (at, user_id, device_id),
+            )
+        )
+
+    # ------------------------------------------------------------------ channels
+
+    async def create_channel(self, channel: ChannelRecord) -> None:
+        def op(c: sqlite3.Connection) -> None:
+            c.execute(
+                f"INSERT INTO channels ({R.CHANNEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    channel.id,
+                    channel.name,
+                    channel.description,
+                    channel.owner_id,
+                    R.dumps(channel.settings),
+                    channel.created_at,
+                ),
+            )
+            c.execute(
+                "INSERT INTO channel_members (channel_id, user_id, role, joined_at)"
+                " VALUES (?, ?, 'owner', ?)",
+                (channel.id, channel.owner_id, channel.created_at),
+            )
+
+        await self._write(op)
+
+    async def get_channel(self, channel_id: str) -> ChannelRecord | None:
+        row = await self._fetchone(
+            f"SELECT {R.CHANNEL_COLUMNS} FROM channels WHERE id = ?", (channel_id,)
+        )
+        return R.channel_from_row(row) if row is not None else None
+
+    async def list_user_channels(self, user_id: str) -> list[ChannelRecord]:
+        rows = await self._fetchall(
+            "SELECT c.id, c.name, c.description, c.owner_id, c.settings, c.created_at"
+            " FROM channel_members m JOIN channels c ON c.id = m.channel_id"
+            " WHERE m.user_id = ? ORDER BY c.created_at, c.id",
+            (user_id,),
+        )
+        return [R.channel_from_row(r) for r in rows]
+
+    async def add_channel_members(
+        self, channel_id: str, user_ids: Sequence[str], role: str, at: int
+    ) -> list[str]:
+        wanted = list(dict.fromkeys(user_ids))  # keep order, drop repeats
+
+        def op(c: sqlite3.Connection) -> list[str]:
+            added: list[str] = []
+            for user_id in wanted:
+                cur = c.execute(
+                    "INSERT INTO channel_members (channel_id, user_id, role, joined_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (channel_id, user_id) DO NOTHING",
+                    (channel_id, user_id, role, at),
+                )
+                if cur.rowcount:
+                    added.append(user_id)
+            return added
+
+        return await self._write(op)
+
+    async def remove_channel_member(self, channel_id: str, user_id: str) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "DELETE FROM channel_members WHERE channel_id = ? AND user_id = ?",
+                (channel_id, user_id),
+            )
+            return cur.rowcount > 0
+
+        return await self._write(op)
+
+    async def get_member(self, channel_id: str, user_id: str) -> MemberRecord | None:
+        row = await self._fetchone(
+            f"SELECT {R.MEMBER_COLUMNS} FROM channel_members WHERE channel_id = ? AND user_id = ?",
+            (channel_id, user_id),
+        )
+        return R.member_from_row(row) if row is not None else None
+
+    async def list_channel_members(self, channel_id: str) -> list[MemberRecord]:
+        rows = await self._fetchall(
+            f"SELECT {R.MEMBER_COLUMNS} FROM channel_members WHERE channel_id = ?"
+            " ORDER BY joined_at, user_id",
+            (channel_id,),
+        )
+        return [R.member_from_row(r) for r in rows]
+
+    async def peers_of(self, user_id: str) -> set[str]:
+        rows = await self._fetchall(
+            "SELECT other.user_id AS peer FROM channel_members mine"
+            " JOIN channel_members other ON other.channel_id = mine.channel_id"
+            " WHERE mine.user_id = ? AND other.user_id <> ?"
+            " UNION SELECT peer_id FROM direct_peers WHERE user_id = ?",
+            (user_id, user_id, user_id),
+        )
+        return {row["peer"] for row in rows}
+
+    # ------------------------------------------------------------------ messages
+
+    async def insert_message(
+        self,
+        message: MessageRecord,
+        *,
+        offline_for: Sequence[str] = (),
+        offline_expires_at: int = 0,
+        outbox: Sequence[OutboxRecord] = (),
+    ) -> InsertResult:
+        R.check_message(message)
+        offline = [(u, message.id, message.created_at, offline_expires_at) for u in offline_for]
+        events = [_outbox_params(e) for e in outbox]
+
+        def op(c: sqlite3.Connection) -> InsertResult:
+            if message.client_message_id is not None:
+                row = c.execute(
+                    f"SELECT {R.MESSAGE_COLUMNS} FROM messages"
+                    " WHERE sender_id = ? AND client_message_id = ?",
+                    (message.sender_id, message.client_message_id),
+                ).fetchone()
+                if row is not None:
+                    return InsertResult(R.message_from_row(row), created=False)
+            c.execute(
+                f"INSERT INTO messages ({R.MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                R.message_params(message),
+            )
+            if message.recipient_id is not None and message.recipient_id != message.sender_id:
+                c.executemany(
+                    "INSERT INTO direct_peers (user_id, peer_id, since) VALUES (?, ?, ?)"
+                    " ON CONFLICT (user_id, peer_id) DO NOTHING",
+                    [
+                        (message.sender_id, message.recipient_id, message.created_at),
+                        (message.recipient_id, message.sender_id, message.created_at),
+                    ],
+                )
+            if offline:
+                c.executemany(
+                    "INSERT INTO offline_queue (user_id, message_id, queued_at, expires_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, message_id) DO NOTHING",
+                    offline,
+                )
+            if events:
+                c.executemany(_OUTBOX_INSERT, events)
+            return InsertResult(message, created=True)
+
+        return await self._write(op)
+
+    async def get_message(self, message_id: str) -> MessageRecord | None:
+        row = await self._fetchone(
+            f"SELECT {R.MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+        )
+        return R.message_from_row(row) if row is not None else None
+
+    async def list_direct_messages(
+        self, user_a: str, user_b: str, page: Page
+    ) -> list[MessageRecord]:
+        filters, fparams = _page_filters(page)
+        limit, offset = max(0, page.limit), max(0, page.offset)
+        branch = (
+            f"SELECT * FROM (SELECT {R.MESSAGE_COLUMNS} FROM messages"
+            f" WHERE sender_id = ? AND recipient_id = ?{filters} ORDER BY id DESC LIMIT ?)"
+        )
+        # One index range scan per direction, each already cut to offset+limit rows, then
+        # merged: the cost follows the page, not the length of the conversation.
+        if user_a == user_b:
+            sql = branch + " ORDER BY id DESC LIMIT ? OFFSET ?"
+            params = [user_a, user_a, *fparams, offset + limit, limit, offset]
+        else:
+            sql = branch + " UNION ALL " + branch + " ORDER BY id DESC LIMIT ? OFFSET ?"
+            params = [
+                *(user_a, user_b, *fparams, offset + limit),
+                *(user_b, user_a, *fparams, offset + limit),
+                limit,
+                offset,
+            ]
+        return [R.message_from_row(r) for r in await self._fetchall(sql, params)]
+
+    async def list_channel_messages(self, channel_id: str, page: Page) -> list[MessageRecord]:
+        filters, fparams = _page_filters(page)
+        rows = await self._fetchall(
+            f"SELECT {R.MESSAGE_COLUMNS} FROM messages WHERE channel_id = ?{filters}"
+            " ORDER BY id DESC LIMIT ? OFFSET ?",
+            [channel_id, *fparams, max(0, page.limit), max(0, page.offset)],
+        )
+        return [R.message_from_row(r) for r in rows]
+
+    # ------------------------------------------------------------------ offline queue
+
+    async def list_offline(self, user_id: str, *, now: int, limit: int = 500) -> list[OfflineEntry]:
+        rows = await self._fetchall(
+            "SELECT q.user_id AS q_user_id, q.queued_at AS q_queued_at,"
+            " q.expires_at AS q_expires_at,"
+            " m.id, m.sender_id, m.recipient_id, m.channel_id, m.encrypted_content, m.iv,"
+            " m.keys, m.created_at, m.client_message_id"
+            " FROM offline_queue q JOIN messages m ON m.id = q.message_id"
+            " WHERE q.user_id = ? AND q.expires_at > ?"
+            " ORDER BY q.queued_at, q.message_id LIMIT ?",
+            (user_id, now, max(0, limit)),
+        )
+        return [R.offline_from_row(r) for r in rows]
+
+    async def ack_offline(self, user_id: str, message_ids: Sequence[str]) -> int:
+        if not message_ids:
+            return 0
+        ids = R.dumps(list(message_ids))
+        return await self._write(
+            lambda c: (
+                c.execute(
+                    "DELETE FROM offline_queue WHERE user_id = ?"
+                    " AND message_id IN (SELECT value FROM json_each(?))",
+                    (user_id, ids),
+                ).rowcount
+            )
+        )
+
+    async def prune_offline(self, now: int) -> int:
+        return await self._write(
+            lambda c: c.execute("DELETE FROM offline_queue WHERE expires_at <= ?", (now,)).rowcount
+        )
+
+    # ------------------------------------------------------------------ outbox
+
+    async def add_outbox(self, events: Sequence[OutboxRecord]) -> None:
+        if not events:
+            return
+        params = [_outbox_params(e) for e in events]
+        await self._write(lambda c: c.executemany(_OUTBOX_INSERT, params))
+
+    async def fetch_outbox(self, limit: int = 500) -> list[OutboxRecord]:
+        rows = await self._fetchall(
+            f"SELECT {R.OUTBOX_COLUMNS} FROM outbox WHERE sent_at IS NULL"
+            " ORDER BY created_at, id LIMIT ?",
+            (max(0, limit),),
+        )
+        return [R.outbox_from_row(r) for r in rows]
+
+    async def mark_outbox_sent(self, ids: Sequence[str], at: int) -> None:
+        if not ids:
+            return
+        id_list = R.dumps(list(ids))
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE outbox SET sent_at = ? WHERE sent_at IS NULL"
+                " AND id IN (SELECT value FROM json_each(?))",
+                (at, id_list),
+            )
+        )
+
+    async def prune_outbox(self, sent_before: int) -> int:
+        return await self._write(
+            lambda c: (
+                c.execute(
+                    "DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (sent_before,)
+                ).rowcount
+            )
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _run_read(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+    try:
+        return fn(conn)
+    except sqlite3.Error as exc:
+        raise _map_error(exc) from exc
+
+
+def _insert_token(c: sqlite3.Connection, t: RefreshTokenRecord) -> None:
+    c.execute(
+        f"INSERT INTO refresh_tokens ({R.TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            t.token_hash,
+            t.user_id,
+            t.family_id,
+            t.issued_at,
+            t.expires_at,
+            t.used_at,
+            t.revoked_at,
+            t.device_id,
+        ),
+    )
+
+
+_OUTBOX_INSERT = f"INSERT INTO outbox ({R.OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+
+
+def _outbox_params(e: OutboxRecord) -> tuple[Any, ...]:
+    return (e.id, e.topic, e.key, bytes(e.payload), e.created_at, e.sent_at)
+
+
+def _page_filters(page: Page) -> tuple[str, list[Any]]:
+    sql = ""
+    params: list[Any] = []
+    if page.from_date is not None:
+        sql += " AND created_at >= ?"
+        params.append(page.from_date)
+    if page.to_date is not None:
+        sql += " AND created_at <= ?"
+        params.append(page.to_date)
+    if page.before_id is not None:
+        sql += " AND id < ?"
+        params.append(page.before_id)
+    return sql, params
+
+
+@asynccontextmanager
+async def open_sqlite(
+    url: str, *, batch_max: int = 256, batch_wait_ms: float = 1.0, read_pool: int = 4
+) -> AsyncIterator[SQLiteStore]:
+    """Open the SQLite store at `url` (parent directories are created).
+
+    Starts the writer thread; on exit, drains queued writes and closes every connection.
+    Migrations are not applied here: call `await store.migrate()` (the app does at startup).
+    """
+    store = SQLiteStore(
+        url,
+        path_from_url(url),
+        batch_max=batch_max,
+        batch_wait_ms=batch_wait_ms,
+        read_pool=read_pool,
+    )
+    try:
+        await trio.to_thread.run_sync(store._open_sync)
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot open SQLite database {store.path}: {exc}") from exc
+    store._start_writer()
+    try:
+        yield store
+    finally:
+        with trio.CancelScope(shield=True):
+            await store._close()
+
+
+__all__ = ["SQLiteStore", "latest_version", "open_sqlite", "path_from_url"]

@@ -1,0 +1,143 @@
+"""Contract: group commit batches concurrent writers, isolates failures, never blocks reads."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from prometheus_client import REGISTRY
+
+from securecollab.ids import new_id
+from securecollab.store import Conflict, Page, Store
+
+from .conftest import is_sqlite, wait_queued, writer_held
+from .factories import message, user
+
+
+def _adapter(store: Store) -> str:
+    return "sqlite" if is_sqlite(store) else "postgres"
+
+
+def _ok_writes(adapter: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "securecollab_store_writes_total", {"adapter": adapter, "outcome": "ok"}
+    )
+    return value or 0.0
+
+
+async def test_concurrent_writers_share_commits(store: Store) -> None:
+    before_batches, before_writes = store.stats.batches, store.stats.writes
+    before_metric = _ok_writes(_adapter(store))
+    senders = [f"user{i}@example.com" for i in range(40)]
+    written: list[str] = []
+
+    async def sender(uid: str) -> None:
+        for _ in range(5):  # 40 tasks x 5 = 200 writes
+            m = message(uid, to="hub@example.com")
+            result = await store.insert_message(m)
+            assert result.created
+            written.append(m.id)
+
+    async with trio.open_nursery() as nursery:
+        for uid in senders:
+            nursery.start_soon(sender, uid)
+
+    assert len(written) == 200
+    history = await store.list_direct_messages("hub@example.com", senders[7], Page())
+    assert len(history) == 5
+    for uid in senders:
+        assert len(await store.list_direct_messages(uid, "hub@example.com", Page())) == 5
+    writes = store.stats.writes - before_writes
+    batches = store.stats.batches - before_batches
+    assert writes == 200
+    assert batches < writes  # one commit served several writers
+    assert max(b.size for b in store.stats.last_batches) > 1
+    assert _ok_writes(_adapter(store)) - before_metric == 200
+
+
+async def test_a_failing_write_does_not_fail_its_batch_neighbours(store: Store) -> None:
+    await store.create_user(user("taken@example.com"))
+    results: dict[str, object] = {}
+
+    async def register(uid: str) -> None:
+        try:
+            await store.create_user(user(uid))
+            results[uid] = "ok"
+        except Conflict:
+            results[uid] = "conflict"
+
+    async with trio.open_nursery() as nursery:
+        async with writer_held(store):
+            # queue everything behind the held batch so it all commits in ONE next batch
+            for i in range(10):
+                nursery.start_soon(register, f"new{i}@example.com")
+            nursery.start_soon(register, "TAKEN@example.com")
+            nursery.start_soon(register, "new3@EXAMPLE.com")  # duplicate inside the batch
+            await wait_queued(store, 12)
+            batches_before = store.stats.batches
+
+    assert store.stats.batches - batches_before == 2  # the held op's batch, then all 12 together
+    assert store.stats.last_batches[-1].size == 12
+    assert results.pop("TAKEN@example.com") == "conflict"
+    assert sorted(results.values()).count("ok") == 10
+    # the two spellings of new3 raced inside one batch: exactly one won
+    assert sorted([results["new3@example.com"], results["new3@EXAMPLE.com"]]) == ["conflict", "ok"]
+    found = await store.existing_users([f"new{i}@example.com" for i in range(10)])
+    assert len(found) == 10
+
+
+async def test_reads_are_not_blocked_by_an_open_write_batch(store: Store) -> None:
+    await store.create_user(user("before@example.com"))
+    pending_id = new_id()
+    insert = (
+        "INSERT INTO users (user_key, user_id, password_hash, display_name, roles, created_at)"
+        f" VALUES ('{pending_id}@x.y', '{pending_id}@x.y', 'h', 'P', '[]', 1)"
+    )
+    async with trio.open_nursery() as nursery:
+        async with writer_held(store, insert_sql=insert):
+            # the writer sits inside BEGIN ... with an uncommitted row; reads go on
+            assert await store.get_user("before@example.com") is not None
+            assert await store.get_user(f"{pending_id}@x.y") is None  # not committed yet
+            async with trio.open_nursery() as readers:
+                for _ in range(10):
+                    readers.start_soon(store.peers_of, "before@example.com")
+            # a write queued now waits for the held batch, and completes after it
+            nursery.start_soon(store.create_user, user("queued@example.com"))
+            await wait_queued(store, 1)
+            assert await store.get_user("queued@example.com") is None
+    assert await store.get_user(f"{pending_id}@x.y") is not None
+    assert await store.get_user("queued@example.com") is not None
+
+
+async def test_cancelled_reads_leave_the_pool_usable(store: Store) -> None:
+    await store.create_user(user("alice@example.com"))
+    cancelled = 0
+    for delay in (0, 0.0001, 0.001):
+        for _ in range(5):
+            with trio.move_on_after(delay) as scope:
+                await store.get_user("alice@example.com")
+            cancelled += scope.cancelled_caught
+    # every pooled connection still answers, many at once
+    async with trio.open_nursery() as nursery:
+        for _ in range(12):
+            nursery.start_soon(store.get_user, "alice@example.com")
+    assert await store.get_user("alice@example.com") is not None
+    assert cancelled >= 5  # the zero-delay ones at least were cancelled
+
+
+@pytest.mark.postgres
+async def test_postgres_read_cancelled_mid_query(store: Store) -> None:
+    if is_sqlite(store):
+        pytest.skip("SQLite reads run to completion in their worker thread")
+    with trio.move_on_after(0.2) as scope:
+        await store._read(lambda c: c.fetchval("SELECT pg_sleep(10)"))  # type: ignore[attr-defined]
+    assert scope.cancelled_caught
+    # every pool connection still works afterwards
+    results: list[int] = []
+
+    async def one() -> None:
+        results.append(await store._read(lambda c: c.fetchval("SELECT 1")))  # type: ignore[attr-defined]
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(one)
+    assert results == [1] * 8
