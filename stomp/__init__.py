@@ -28,6 +28,15 @@ buffers more than one frame's limit. :class:`Connection` adds the CONNECT handsh
 
 from __future__ import annotations
 
+from ._connection import (
+    AWAITING_CONNECT,
+    CLOSED,
+    CONNECTED,
+    CONNECTING,
+    DONE,
+    NEED_DATA,
+    Connection,
+)
 from ._errors import ProtocolError
 from ._frame import (
     BODY_COMMANDS,
@@ -47,12 +56,19 @@ from ._validate import validate
 from ._writer import encode, encode_many, escape
 
 __all__ = [
+    "AWAITING_CONNECT",
     "BODY_COMMANDS",
     "CLIENT_COMMANDS",
+    "CLOSED",
+    "CONNECTED",
+    "CONNECTING",
+    "DONE",
     "HEARTBEAT_BYTES",
+    "NEED_DATA",
     "SERVER_COMMANDS",
     "UNESCAPED_COMMANDS",
     "VERSIONS",
+    "Connection",
     "Event",
     "Frame",
     "Headers",

@@ -174,8 +174,15 @@ class Parser:
     def _feed(self, data: bytes | bytearray | memoryview, events: list[Event]) -> None:
         buf: bytes | bytearray
         if self._buf:
-            self._buf += data
-            buf = self._buf
+            if len(data) >= len(self._buf):
+                # Join into immutable bytes: slicing bytes needs no second copy, and the
+                # copy costs at most twice the new data (linear overall).
+                buf = b"".join((self._buf, data))
+                self._buf = bytearray()
+            else:
+                # Trickled input: append in place so small feeds never recopy the buffer.
+                self._buf += data
+                buf = self._buf
         else:
             buf = data if isinstance(data, bytes) else bytes(data)
         n = len(buf)
