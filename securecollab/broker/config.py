@@ -1,0 +1,55 @@
+"""Broker settings: a plain value object, filled from `[stomp]`, `[broker]`, `[presence]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class AclRule:
+    """Who may use general-purpose destinations matching `pattern` (fnmatch glob).
+
+    `subscribe` / `send` list user ids; "*" admits every authenticated user. A
+    destination is admitted when ANY matching rule lists the user for that action.
+    """
+
+    pattern: str
+    subscribe: tuple[str, ...] = ()
+    send: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """Limits and timings of the embedded broker. Times in seconds unless `_ms`."""
+
+    server_name: str = "SecureCollab/0.1.0"
+    max_frame_bytes: int = 102_400
+    max_headers: int = 64
+    max_header_line: int = 8_192
+    connect_timeout_s: float = 10.0
+    heartbeat_send_ms: int = 10_000  # how often we offer to send heart-beats
+    heartbeat_recv_ms: int = 10_000  # how often we want to receive them
+    outbound_queue_frames: int = 1_000
+    outbound_queue_bytes: int = 4 * 1024 * 1024
+    ws_always_binary: bool = False
+    send_limit: int = 20  # SEND frames per user per window
+    send_window_s: float = 10.0
+    acl: tuple[AclRule, ...] = field(default_factory=tuple)
+    queue_max_messages: int = 10_000  # backlog bound of one general /queue/<name>
+    close_grace_s: float = 2.0  # time to flush the final ERROR/RECEIPT before aborting
+    presence_refresh_s: float = 60.0  # min interval between presence TTL refreshes
+
+
+def acl_from_settings(rules: list[dict[str, object]] | tuple[object, ...]) -> tuple[AclRule, ...]:
+    """Build ACL rules from config data (`[[broker.acl]]` tables or objects with attributes)."""
+    out: list[AclRule] = []
+    for rule in rules:
+        if isinstance(rule, dict):
+            pattern, sub, snd = rule.get("pattern"), rule.get("subscribe", ()), rule.get("send", ())
+        else:
+            pattern = getattr(rule, "pattern", None)
+            sub, snd = getattr(rule, "subscribe", ()), getattr(rule, "send", ())
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"[broker] acl rule without a pattern: {rule!r}")
+        out.append(AclRule(pattern, tuple(str(x) for x in sub), tuple(str(x) for x in snd)))  # type: ignore[union-attr]
+    return tuple(out)

@@ -1,0 +1,492 @@
+"""The broker: sessions, subscriptions by destination, queues, fan-out, app handlers.
+
+Cross-node traffic goes through the backplane: services (and client SENDs to general
+topics) call `backplane.publish(Delivery(...))`; every node's broker receives it in
+`_on_delivery` and hands it to its local subscriptions. General-purpose queues
+(`/queue/<name>`) are node-local: competing consumers on one node.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+import stomp
+from securecollab.backplane import Backplane, Delivery
+from securecollab.broker import destinations, metrics
+from securecollab.broker.config import BrokerConfig
+from securecollab.broker.destinations import (
+    PRIVATE_QUEUE,
+    Destination,
+    Kind,
+    acl_allows,
+)
+from securecollab.broker.errors import AuthenticationFailed, BrokerError, Forbidden
+from securecollab.broker.hooks import (
+    Authenticator,
+    BrokerHooks,
+    Credentials,
+    Identity,
+    SessionInfo,
+)
+from securecollab.broker.session import (
+    RESERVED_HEADERS,
+    Connection,
+    Pending,
+    Session,
+    State,
+    Subscription,
+)
+from securecollab.ids import new_id, now_ms
+
+log = logging.getLogger(__name__)
+
+AppHandler = Callable[[SessionInfo, stomp.Frame], Awaitable[None]]
+"""Handles a client SEND to an `/app/...` destination. Raise `AppError` to refuse it.
+
+The RECEIPT for the frame (if asked) is sent only after the handler returned, so a
+handler that returns after its store commit makes the receipt mean "durable".
+"""
+
+# SENDs to these are cheap, never stored, and counted in their own window so that
+# typing indicators cannot eat a user's message budget.
+SIGNAL_DESTINATIONS = frozenset({"/app/typing", "/app/presence"})
+
+
+@dataclass(eq=False, slots=True)
+class QueueMessage:
+    message_id: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+    redelivered: bool = False
+    avoid: Subscription | None = None  # last consumer that NACKed it: prefer another
+
+
+@dataclass(eq=False, slots=True)
+class _Queue:
+    name: str
+    backlog: deque[QueueMessage] = field(default_factory=deque)
+    consumers: list[Subscription] = field(default_factory=list)
+    next: int = 0  # round-robin position
+
+
+class Broker:
+    """All sessions of this node. Transports call `serve_connection`; see module docstring."""
+
+    def __init__(
+        self,
+        backplane: Backplane,
+        config: BrokerConfig,
+        authenticate: Authenticator,
+        hooks: BrokerHooks | None = None,
+    ) -> None:
+        self.backplane = backplane
+        self.config = config
+        self.hooks = hooks if hooks is not None else BrokerHooks()
+        self._authenticate = authenticate
+        self.sessions: dict[str, Session] = {}
+        self._by_user: dict[str, set[Session]] = {}
+        self._user_subs: dict[tuple[str, str], list[Subscription]] = {}
+        self._topic_subs: dict[str, list[Subscription]] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._app: dict[str, AppHandler] = {}
+        self._shutting_down = False
+        self._idle = trio.Event()
+        self._idle.set()
+        backplane.subscribe(self._on_delivery)
+
+    # ------------------------------------------------------------------ registration
+    def register_app_handler(self, destination: str, handler: AppHandler) -> None:
+        """Route SENDs to `destination` (exact, e.g. "/app/chat/send") or, when it ends
+        with "/", to everything under it (e.g. "/app/webrtc/"); the longest match wins."""
+        if not destination.startswith("/app/"):
+            raise ValueError("application destinations start with /app/")
+        if destination in self._app:
+            raise ValueError(f"{destination} already has a handler")
+        self._app[destination] = handler
+
+    def _app_handler(self, destination: str) -> AppHandler | None:
+        handler = self._app.get(destination)
+        if handler is not None:
+            return handler
+        best = ""
+        for prefix in self._app:
+            if prefix.endswith("/") and destination.startswith(prefix) and len(prefix) > len(best):
+                best = prefix
+        return self._app.get(best) if best else None
+
+    # ------------------------------------------------------------------ connections
+    async def serve_connection(self, conn: Connection) -> None:
+        """Run one connection to its end (transports call this from their handler task)."""
+        if self._shutting_down:
+            await conn.close(1001)
+            return
+        session = Session(self, conn)
+        self.sessions[session.id] = session
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        metrics.CONNECTIONS.labels(conn.transport).inc()
+        metrics.CONNECTIONS_TOTAL.labels(conn.transport).inc()
+        try:
+            await session.run()
+        finally:
+            metrics.CONNECTIONS.labels(conn.transport).dec()
+            del self.sessions[session.id]
+            if not self.sessions:
+                self._idle.set()
+
+    async def shutdown(self, grace_s: float = 3.0) -> None:
+        """Refuse new connections; ERROR "server shutting down" + close (1001) to all."""
+        self._shutting_down = True
+        for session in list(self.sessions.values()):
+            session.close("server shutting down", "the server is restarting or stopping", code=1001)
+        with trio.move_on_after(grace_s):
+            await self._idle.wait()
+
+    async def authenticate(self, creds: Credentials) -> Identity:
+        try:
+            return await self._authenticate(creds)
+        except BrokerError:
+            raise
+        except Exception:
+            log.exception("authenticator failed")
+            raise AuthenticationFailed("authentication failed", "internal error") from None
+
+    async def attach(self, session: Session) -> None:
+        """A session completed CONNECT."""
+        self._by_user.setdefault(session.user_id, set()).add(session)
+        assert session.info is not None
+        await self._call_hook("on_session_open", self.hooks.on_session_open(session.info))
+
+    async def session_activity(self, session: Session) -> None:
+        assert session.info is not None
+        await self._call_hook("on_session_activity", self.hooks.on_session_activity(session.info))
+
+    async def detach(self, session: Session) -> None:
+        """The connection ended: drop subscriptions, redeliver unacked, abort transactions."""
+        session.transactions.clear()
+        for sub in list(session.subscriptions.values()):
+            self.unsubscribe(sub)
+        if session.info is None:
+            return
+        users = self._by_user.get(session.user_id)
+        if users is not None:
+            users.discard(session)
+            if not users:
+                del self._by_user[session.user_id]
+        await self._call_hook("on_session_close", self.hooks.on_session_close(session.info))
+
+    async def _call_hook(self, name: str, call: Awaitable[None]) -> None:
+        try:
+            await call
+        except Exception:
+            log.exception("broker hook %s failed", name)
+
+    async def delivered(self, items: list[tuple[str, str]]) -> None:
+        """Report messages of /user/queue/private that reached their client."""
+        by_user: dict[str, list[str]] = {}
+        for user_id, message_id in items:
+            by_user.setdefault(user_id, []).append(message_id)
+        for user_id, ids in by_user.items():
+            await self._call_hook("on_delivered", self.hooks.on_delivered(user_id, ids))
+
+    # ------------------------------------------------------------------ SEND
+    def authorize_send(self, session: Session, destination: str) -> Destination:
+        """Classify and authorize a client SEND; raises BrokerError/Forbidden."""
+        target = destinations.parse(destination, session.user_id)
+        if target.kind in (Kind.USER, Kind.PRESENCE, Kind.CHANNEL):
+            hint = "send chat messages to /app/chat/send" if target.kind is Kind.CHANNEL else ""
+            raise Forbidden(
+                f"clients cannot send to {destination}", hint or "server-only destination"
+            )
+        if target.kind is Kind.APP:
+            if self._app_handler(target.name) is None:
+                raise BrokerError(
+                    f"no handler for {destination}", "unknown application destination"
+                )
+        elif not acl_allows(self.config.acl, target.name, session.user_id, "send"):
+            raise Forbidden(f"not allowed to send to {destination}")
+        return target
+
+    async def allow_send(self, session: Session, target: Destination) -> bool:
+        """Sliding-window SEND limit per user; a notice on /user/queue/errors once a window."""
+        cfg = self.config
+        bucket = "signal" if target.name in SIGNAL_DESTINATIONS else "send"
+        window_ms = int(cfg.send_window_s * 1000)
+        now = now_ms()
+        user_id = session.user_id
+        decision = await self.backplane.hit(
+            f"stomp:{bucket}:{user_id}", cfg.send_limit, window_ms, now
+        )
+        if decision.allowed:
+            return True
+        metrics.DROPS.labels("rate_limited").inc()
+        notice = await self.backplane.hit(f"stomp:notice:{bucket}:{user_id}", 1, window_ms, now)
+        if notice.allowed:
+            body = {
+                "error": "rate_limited",
+                "detail": f"more than {cfg.send_limit} SEND frames in {cfg.send_window_s:g} s;"
+                " frames are dropped until the window frees up",
+                "destination": target.name,
+                "retryAfterMs": decision.retry_after_ms,
+            }
+            await self.backplane.publish(
+                Delivery(
+                    kind="user",
+                    destination="/user/queue/errors",
+                    body=json.dumps(body).encode(),
+                    headers=(("content-type", "application/json"),),
+                    user_id=user_id,
+                    message_id=new_id(),
+                )
+            )
+        return False
+
+    async def send(self, session: Session, target: Destination, frame: stomp.Frame) -> None:
+        """Carry out an authorized SEND (now, or at COMMIT)."""
+        if target.kind is Kind.APP:
+            handler = self._app_handler(target.name)
+            if handler is None:
+                raise BrokerError(f"no handler for {target.name}")
+            assert session.info is not None
+            try:
+                await handler(session.info, frame)
+            except BrokerError:
+                raise
+            except Exception:
+                log.exception("app handler for %s failed", target.name)
+                raise BrokerError(
+                    f"internal error handling {target.name}", "the request was not processed"
+                ) from None
+            return
+        headers = tuple(h for h in frame.headers if h[0] not in RESERVED_HEADERS)
+        if target.kind is Kind.QUEUE:
+            queue = self._queues.get(target.name)
+            if queue is None:
+                queue = self._queues[target.name] = _Queue(target.name)
+            if len(queue.backlog) >= self.config.queue_max_messages:
+                metrics.DROPS.labels("queue_full").inc()
+                raise BrokerError(
+                    f"queue {target.name} is full",
+                    f"{self.config.queue_max_messages} messages wait for a consumer",
+                )
+            queue.backlog.append(QueueMessage(new_id(), frame.body, headers))
+            self.dispatch(queue)
+        else:
+            await self.backplane.publish(
+                Delivery("topic", target.name, frame.body, headers, message_id=new_id())
+            )
+
+    # ------------------------------------------------------------------ SUBSCRIBE
+    async def subscribe(self, session: Session, sub_id: str, destination: str, ack: str) -> None:
+        if ack not in ("auto", "client", "client-individual"):
+            raise BrokerError(
+                f"invalid ack mode {ack}", "ack must be auto, client or client-individual"
+            )
+        user_id = session.user_id
+        target = destinations.parse(destination, user_id)
+        sub = Subscription(session, sub_id, destination, target, ack)
+        if target.kind is Kind.APP:
+            raise BrokerError(
+                f"cannot subscribe to {destination}", "/app destinations only take SEND"
+            )
+        if target.kind is Kind.CHANNEL:
+            assert target.channel_id is not None
+            try:
+                allowed = await self.hooks.can_subscribe_channel(user_id, target.channel_id)
+            except Exception:
+                log.exception("can_subscribe_channel hook failed")
+                allowed = False
+            if not allowed:
+                raise Forbidden(
+                    f"not allowed to subscribe to {destination}", "not a member of this channel"
+                )
+            if session.state is not State.CONNECTED:
+                return
+        elif target.kind in (Kind.QUEUE, Kind.TOPIC):
+            if not acl_allows(self.config.acl, target.name, user_id, "subscribe"):
+                raise Forbidden(f"not allowed to subscribe to {destination}")
+        session.subscriptions[sub_id] = sub
+        if target.kind in (Kind.USER, Kind.PRESENCE):
+            self._user_subs.setdefault((user_id, target.name), []).append(sub)
+            if target.name == PRIVATE_QUEUE:
+                await self._initial_messages(sub)
+        elif target.kind is Kind.QUEUE:
+            queue = self._queues.get(target.name)
+            if queue is None:
+                queue = self._queues[target.name] = _Queue(target.name)
+            queue.consumers.append(sub)
+            sub.queue = queue
+            self.dispatch(queue)
+        else:
+            self._topic_subs.setdefault(target.name, []).append(sub)
+
+    async def _initial_messages(self, sub: Subscription) -> None:
+        """Offline messages first (oldest first), then the live ones that arrived meanwhile."""
+        session = sub.session
+        sub.buffer = []
+        try:
+            initial = await self.hooks.initial_messages(session.user_id)
+        except Exception:
+            log.exception("initial_messages hook failed")
+            self.unsubscribe(sub)
+            raise BrokerError("could not load queued messages", "try subscribing again") from None
+        seen: set[str] = set()
+        for message in initial:
+            if message.message_id in seen:
+                continue
+            seen.add(message.message_id)
+            if not session.deliver(sub, message.message_id, message.body, message.headers):
+                return
+        buffered, sub.buffer = sub.buffer, None
+        for message_id, body, headers in buffered:
+            if message_id not in seen and not session.deliver(sub, message_id, body, headers):
+                return
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """End a subscription; its unacked queue messages go back to the queue."""
+        session = sub.session
+        if session.subscriptions.get(sub.id) is not sub:
+            return
+        del session.subscriptions[sub.id]
+        target = sub.target
+        if target.kind in (Kind.USER, Kind.PRESENCE):
+            _discard(self._user_subs, (session.user_id, target.name), sub)
+        elif target.kind is Kind.QUEUE and sub.queue is not None:
+            queue = sub.queue
+            if sub in queue.consumers:
+                queue.consumers.remove(sub)
+        else:
+            _discard(self._topic_subs, target.name, sub)
+        entries = list(sub.unacked.values())
+        sub.unacked.clear()
+        for entry in entries:
+            session.acks.pop(entry.ack_id, None)
+        self.requeue(sub, entries)
+        if sub.queue is not None and not sub.queue.consumers and not sub.queue.backlog:
+            self._queues.pop(sub.queue.name, None)
+
+    # ------------------------------------------------------------------ queues
+    def requeue(self, sub: Subscription, entries: list[Pending]) -> None:
+        """NACKed or abandoned messages: queue messages go back to the front, redelivered."""
+        queue = sub.queue
+        dropped = 0
+        for entry in reversed(entries):
+            if entry.queue_msg is not None and queue is not None:
+                msg = entry.queue_msg
+                msg.redelivered = True
+                msg.avoid = sub
+                queue.backlog.appendleft(msg)
+            else:
+                dropped += 1  # topic/user messages are not redelivered
+        if dropped:
+            metrics.DROPS.labels("nacked").inc(dropped)
+        if queue is not None:
+            if queue.name not in self._queues and queue.backlog:
+                self._queues[queue.name] = queue
+            self.dispatch(queue)
+
+    def dispatch(self, queue: _Queue) -> None:
+        """Hand waiting messages to consumers, round-robin, respecting the prefetch bound."""
+        prefetch = self.config.outbound_queue_frames
+        while queue.backlog:
+            ready = [
+                s
+                for s in queue.consumers
+                if s.session.state is State.CONNECTED
+                and (s.ack == "auto" or len(s.unacked) < prefetch)
+            ]
+            if not ready:
+                return
+            msg = queue.backlog[0]
+            start = queue.next % len(ready)
+            order = ready[start:] + ready[:start]
+            chosen = next((s for s in order if s is not msg.avoid), order[0])
+            queue.next = (ready.index(chosen) + 1) % max(1, len(ready))
+            queue.backlog.popleft()
+            if not chosen.session.deliver(
+                chosen,
+                msg.message_id,
+                msg.body,
+                msg.headers,
+                redelivered=msg.redelivered,
+                queue_msg=msg,
+            ):
+                queue.backlog.appendleft(msg)  # that session is closing now; try the others
+
+    # ------------------------------------------------------------------ fan-out
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        """Backplane handler: deliver to this node's subscriptions. Never raises."""
+        try:
+            if delivery.kind == "user":
+                self._deliver_user(delivery)
+            elif delivery.kind == "topic":
+                message_id = delivery.message_id or new_id()
+                for sub in list(self._topic_subs.get(delivery.destination, ())):
+                    if sub.session.id != delivery.exclude_session:
+                        sub.session.deliver(sub, message_id, delivery.body, delivery.headers)
+            elif delivery.kind == "control":
+                self._control(delivery)
+            else:
+                log.warning("ignoring delivery of unknown kind %r", delivery.kind)
+        except Exception:
+            log.exception("delivery to %s failed", delivery.destination)
+
+    def _deliver_user(self, delivery: Delivery) -> None:
+        user_id = delivery.user_id
+        if not user_id:
+            log.warning("user delivery to %s without user_id", delivery.destination)
+            return
+        dest = delivery.destination
+        own = f"/user/{user_id}/"
+        if dest.startswith(own):  # the Spring form a service may use
+            dest = "/user/" + dest[len(own) :]
+        message_id = delivery.message_id or new_id()
+        for sub in list(self._user_subs.get((user_id, dest), ())):
+            if sub.session.id == delivery.exclude_session:
+                continue
+            if sub.buffer is not None:
+                if len(sub.buffer) >= self.config.outbound_queue_frames:
+                    sub.session.slow_consumer()
+                    continue
+                sub.buffer.append((message_id, delivery.body, delivery.headers))
+                continue
+            sub.session.deliver(sub, message_id, delivery.body, delivery.headers)
+
+    def _control(self, delivery: Delivery) -> None:
+        """kind "control": header `action` = "unsubscribe" (end `user_id`'s subscriptions to
+        `destination`) or "disconnect" (close `user_id`'s sessions; header `message`)."""
+        headers = dict(delivery.headers)
+        action = headers.get("action")
+        sessions = list(self._by_user.get(delivery.user_id or "", ()))
+        if action == "unsubscribe":
+            for session in sessions:
+                for sub in list(session.subscriptions.values()):
+                    if sub.target.name == delivery.destination:
+                        self.unsubscribe(sub)
+        elif action == "disconnect":
+            for session in sessions:
+                session.close(headers.get("message", "disconnected by the server"), code=1008)
+        else:
+            log.warning("ignoring control delivery with action %r", action)
+
+    # ------------------------------------------------------------------ queries
+    def user_sessions(self, user_id: str) -> list[SessionInfo]:
+        """Connected sessions of `user_id` on this node."""
+        return [s.info for s in self._by_user.get(user_id, ()) if s.info is not None]
+
+
+def _discard(
+    index: dict[tuple[str, str], list[Subscription]] | dict[str, list[Subscription]],
+    key: object,
+    sub: Subscription,
+) -> None:
+    subs = index.get(key)  # type: ignore[call-overload]
+    if subs is not None and sub in subs:
+        subs.remove(sub)
+        if not subs:
+            del index[key]  # type: ignore[arg-type]

@@ -1,0 +1,108 @@
+"""Extension points the chat layers fill in; the broker itself knows no chat rule.
+
+Every hook is an async callable attribute of `BrokerHooks`; assign to replace one
+(`broker.hooks.can_subscribe_channel = channels.is_member`). Defaults are the safe
+answer: deny, nobody, nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is behind a connection, as the authenticator established it."""
+
+    user_id: str
+    roles: tuple[str, ...] = ()
+    device_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a client presented: CONNECT headers plus the WebSocket upgrade's bearer token."""
+
+    login: str | None
+    passcode: str | None
+    bearer: str | None  # `Authorization: Bearer` of the WebSocket upgrade
+    host: str | None
+    peer: str  # remote address, for password rate limits and audit
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A connected session as hooks and `/app` handlers see it."""
+
+    session_id: str
+    user_id: str
+    roles: tuple[str, ...]
+    device_id: str  # CONNECT `device-id` header, else the token's device, else "web"
+    transport: str  # "tcp" | "ws"
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class InitialMessage:
+    """One message delivered before live traffic on `/user/queue/private` (offline queue)."""
+
+    message_id: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
+
+
+Authenticator = Callable[[Credentials], Awaitable[Identity]]
+"""Raises `broker.errors.AuthenticationFailed` (or returns an Identity)."""
+
+
+async def _deny(user_id: str, channel_id: str) -> bool:
+    return False
+
+
+async def _nobody(key: str) -> set[str]:
+    return set()
+
+
+async def _no_messages(user_id: str) -> list[InitialMessage]:
+    return []
+
+
+async def _ignore_delivered(user_id: str, message_ids: list[str]) -> None:
+    return None
+
+
+async def _ignore_session(info: SessionInfo) -> None:
+    return None
+
+
+@dataclass(slots=True)
+class BrokerHooks:
+    """Async callables the broker (and the /app handlers) call out to.
+
+    Used by the broker itself:
+    - `can_subscribe_channel(user_id, channel_id) -> bool`: SUBSCRIBE to
+      `/topic/messages/{channel_id}` is allowed iff True. Default: deny.
+    - `initial_messages(user_id) -> list[InitialMessage]`: on SUBSCRIBE to
+      `/user/queue/private`, delivered first, oldest first; live deliveries that arrive
+      meanwhile are buffered and de-duplicated by message-id.
+    - `on_delivered(user_id, message_ids)`: messages on `/user/queue/private` reached
+      the client: ACKed (client / client-individual) or, for ack:auto, written to the
+      socket. Called once per batch; errors are logged, never fatal.
+    - `on_session_open / on_session_close / on_session_activity(SessionInfo)`:
+      connection life (presence). Activity is throttled to `presence_refresh_s`.
+
+    Used by the /app handlers (api/stomp_app.py):
+    - `peers_of(user_id) -> set[str]`: users who share a channel or conversation with
+      `user_id`; presence changes go only to them. Default: nobody.
+    - `channel_members(channel_id) -> set[str]`: typing relay to a channel.
+    """
+
+    can_subscribe_channel: Callable[[str, str], Awaitable[bool]] = _deny
+    initial_messages: Callable[[str], Awaitable[list[InitialMessage]]] = _no_messages
+    on_delivered: Callable[[str, list[str]], Awaitable[None]] = _ignore_delivered
+    on_session_open: Callable[[SessionInfo], Awaitable[None]] = _ignore_session
+    on_session_close: Callable[[SessionInfo], Awaitable[None]] = _ignore_session
+    on_session_activity: Callable[[SessionInfo], Awaitable[None]] = _ignore_session
+    peers_of: Callable[[str], Awaitable[set[str]]] = _nobody
+    channel_members: Callable[[str], Awaitable[set[str]]] = _nobody

@@ -1,0 +1,26 @@
+"""Prometheus metrics of the broker (registered once, in the default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+CONNECTIONS = Gauge("securecollab_stomp_connections_open", "Open STOMP connections", ["transport"])
+CONNECTIONS_TOTAL = Counter(
+    "securecollab_stomp_connections", "STOMP connections accepted", ["transport"]
+)
+FRAMES_IN = Counter("securecollab_stomp_frames_in", "STOMP frames received", ["command"])
+FRAMES_OUT = Counter(
+    "securecollab_stomp_frames_out", "STOMP frames written to clients", ["command"]
+)
+DELIVERIES = Counter(
+    "securecollab_stomp_deliveries", "MESSAGE frames delivered to subscriptions", ["kind"]
+)
+DROPS = Counter("securecollab_stomp_drops", "Frames or messages dropped", ["reason"])
+SLOW_CONSUMER_DISCONNECTS = Counter(
+    "securecollab_stomp_slow_consumer_disconnects",
+    "Sessions closed because their outbound queue was full",
+)
+ERRORS = Counter("securecollab_stomp_errors", "ERROR frames sent (each closes its session)")
+PRESENCE = Gauge(
+    "securecollab_presence_users", "Users with a session on this node, by status", ["status"]
+)

@@ -1,0 +1,671 @@
+"""One STOMP connection, whatever carries it (TCP, TLS or WebSocket).
+
+A transport adapter wraps its socket in a `Connection` and calls
+`Broker.serve_connection(conn)`; the `Session` then runs three tasks in its own
+nursery (inside the transport's handler task, so inside the server's nursery):
+
+- reader: bytes -> `stomp.Parser` -> frames, handled one at a time in arrival order
+  (a slow `/app` handler back-pressures that one client, nobody else);
+- writer: drains the bounded outbound queue; TCP writes everything queued in one
+  send, WebSocket sends one STOMP frame per message (the adapter decides);
+- timer: CONNECT timeout, heart-beats out, silent-peer detection.
+
+Every protocol violation becomes one ERROR frame (`message` header, `receipt-id` when
+the frame asked for a receipt), flushed within `close_grace_s`, then the connection
+closes. The outbound queue is bounded in frames and bytes: a client that cannot keep up
+gets ERROR "slow consumer" and is closed; nobody else waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+import stomp
+from securecollab.broker import metrics
+from securecollab.broker.destinations import PRIVATE_QUEUE, Destination, Kind
+from securecollab.broker.errors import BrokerError
+from securecollab.broker.hooks import Credentials, SessionInfo
+from securecollab.ids import new_id
+
+if TYPE_CHECKING:
+    from securecollab.broker.core import Broker, QueueMessage, _Queue
+
+log = logging.getLogger(__name__)
+
+# Headers of a client SEND that are the broker's to set on MESSAGE frames.
+RESERVED_HEADERS = frozenset(
+    {
+        "destination",
+        "subscription",
+        "message-id",
+        "ack",
+        "receipt",
+        "receipt-id",
+        "transaction",
+        "content-length",
+        "redelivered",
+    }
+)
+MAX_TRANSACTIONS = 64  # open transactions per session
+MAX_TX_FRAMES = 1_000  # frames buffered in one transaction
+DEVICE_ID_MAX = 128
+
+
+class TransportClosed(Exception):
+    """The peer went away while we were writing."""
+
+
+@dataclass(slots=True)
+class Outbound:
+    """One encoded STOMP frame (or heart-beat) waiting for the writer."""
+
+    data: bytes
+    text: bool  # the body is valid UTF-8: a WebSocket adapter may send a text message
+    command: str  # "" for a heart-beat
+    delivered: tuple[str, str] | None = None  # (user_id, message_id): report once written
+
+
+HEARTBEAT = Outbound(stomp.HEARTBEAT_BYTES, True, "")
+
+
+class Connection(Protocol):
+    """What a transport adapter provides to a Session."""
+
+    transport: str  # "tcp" | "ws"
+    peer: str  # remote address
+    bearer: str | None  # `Authorization: Bearer` of a WebSocket upgrade
+
+    async def receive(self) -> bytes | None:
+        """Next chunk of bytes from the peer; None once the peer closed."""
+        ...
+
+    async def send(self, items: Sequence[Outbound]) -> None:
+        """Write frames in order; raise TransportClosed if the peer is gone."""
+        ...
+
+    async def close(self, code: int) -> None:
+        """Close the connection (WebSocket close `code`); must not raise."""
+        ...
+
+
+class State(Enum):
+    NEW = "new"  # waiting for CONNECT
+    CONNECTED = "connected"
+    CLOSING = "closing"  # final frame queued; no more input handled
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """A MESSAGE sent on a client-ack subscription, not yet ACKed or NACKed."""
+
+    ack_id: str
+    message_id: str
+    queue_msg: QueueMessage | None = None  # set for /queue/<name> messages (redelivery)
+    track: bool = False  # /user/queue/private: report to hooks.on_delivered on ACK
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    session: Session
+    id: str
+    destination: str  # as the client wrote it (MESSAGE `destination` header)
+    target: Destination  # normalized
+    ack: str  # "auto" | "client" | "client-individual"
+    unacked: OrderedDict[str, Pending] = field(default_factory=OrderedDict)
+    # While `initial_messages` loads, live deliveries wait here (None afterwards).
+    buffer: list[tuple[str, bytes, tuple[tuple[str, str], ...]]] | None = None
+    queue: _Queue | None = None
+
+
+class Session:
+    """Protocol state of one client connection; see the module docstring."""
+
+    def __init__(self, broker: Broker, conn: Connection) -> None:
+        self.broker = broker
+        self.conn = conn
+        self.config = broker.config
+        self.id = new_id()
+        self.parser = stomp.Parser(
+            "1.2",
+            stomp.Limits(
+                max_frame_bytes=self.config.max_frame_bytes,
+                max_headers=self.config.max_headers,
+                max_header_line=self.config.max_header_line,
+                max_body_bytes=self.config.max_frame_bytes,
+            ),
+            side="server",
+        )
+        self.version = "1.2"
+        self.state = State.NEW
+        self.info: SessionInfo | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self.transactions: dict[str, list[stomp.Frame]] = {}
+        self.acks: dict[str, tuple[Subscription, Pending]] = {}
+        self.close_code = 1000
+        self.send_ms = 0  # negotiated: we send a heart-beat this often (0: never)
+        self.expect_ms = 0  # negotiated: the peer sends this often (0: never)
+        now = trio.current_time()
+        self.last_recv = now
+        self.last_send = now
+        self._last_refresh = now
+        self._ack_seq = 0
+        self._out: deque[Outbound] = deque()
+        self._out_bytes = 0
+        self._wake = trio.Event()
+        self._timer_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._reader_scope: trio.CancelScope | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def user_id(self) -> str:
+        assert self.info is not None
+        return self.info.user_id
+
+    async def run(self) -> None:
+        """Serve the connection until either side closes it; always cleans up."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._read_loop)
+                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._timer_loop)
+        finally:
+            self.state = State.CLOSING
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + 5
+                try:
+                    await self.broker.detach(self)
+                finally:
+                    await self.conn.close(self.close_code)
+
+    def close(self, message: str | None, detail: str = "", *, code: int = 1000) -> None:
+        """Close from outside the reader (shutdown, control delivery): ERROR first if `message`."""
+        if message is None:
+            self._begin_close(None, code=code)
+        else:
+            self._begin_close(self._error_frame(message, detail, None), code=code)
+
+    def _begin_close(
+        self, final: stomp.Frame | None, *, discard_queued: bool = False, code: int = 1000
+    ) -> None:
+        if self.state is State.CLOSING:
+            return
+        self.state = State.CLOSING
+        self.close_code = code
+        if discard_queued:
+            self._out.clear()
+            self._out_bytes = 0
+        if final is not None:
+            self._out.append(self._outbound(final))
+        self._wake.set()
+        self._timer_wake.set()
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+        if self._nursery is not None:
+            # The writer gets close_grace_s to flush; a peer that does not read is cut off.
+            scope = self._nursery.cancel_scope
+            scope.deadline = min(scope.deadline, trio.current_time() + self.config.close_grace_s)
+
+    def _abort(self) -> None:
+        self.state = State.CLOSING
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def fail(
+        self,
+        message: str,
+        detail: str = "",
+        receipt: str | None = None,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """Send ERROR `message` (receipt-id when the frame asked for a receipt), then close."""
+        metrics.ERRORS.inc()
+        self._begin_close(self._error_frame(message, detail, receipt, extra))
+
+    def _error_frame(
+        self,
+        message: str,
+        detail: str,
+        receipt: str | None,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> stomp.Frame:
+        headers: list[tuple[str, str]] = [("message", message)]
+        if receipt is not None:
+            headers.append(("receipt-id", receipt))
+        headers.extend(extra)
+        body = (detail or message).encode()
+        headers += [
+            ("content-type", "text/plain;charset=utf-8"),
+            ("content-length", str(len(body))),
+        ]
+        return stomp.Frame("ERROR", tuple(headers), body)
+
+    # ------------------------------------------------------------------ reader
+    async def _read_loop(self) -> None:
+        with trio.CancelScope() as scope:
+            self._reader_scope = scope
+            while True:
+                data = await self.conn.receive()
+                if data is None:
+                    self._abort()  # peer closed: nothing more to say to it
+                    return
+                self.last_recv = trio.current_time()
+                error: stomp.ProtocolError | None = None
+                try:
+                    events = self.parser.feed(data)
+                except stomp.ProtocolError as exc:
+                    events, error = exc.events, exc
+                for event in events:
+                    if isinstance(event, stomp.Frame):
+                        await self._handle(event)
+                        if self.state is State.CLOSING:
+                            return
+                if error is not None:
+                    metrics.FRAMES_IN.labels("invalid").inc()
+                    self.fail(error.message, f"{error.reason}: {error.message}")
+                    return
+                if (
+                    self.info is not None
+                    and self.last_recv - self._last_refresh >= self.config.presence_refresh_s
+                ):
+                    self._last_refresh = self.last_recv
+                    await self.broker.session_activity(self)
+
+    async def _handle(self, frame: stomp.Frame) -> None:
+        metrics.FRAMES_IN.labels(frame.command).inc()
+        receipt = frame.get("receipt")
+        try:
+            if self.state is State.NEW:
+                if frame.command not in ("CONNECT", "STOMP"):
+                    raise BrokerError(
+                        f"expected CONNECT, got {frame.command}",
+                        "the first frame on a connection must be CONNECT or STOMP",
+                    )
+                await self._on_connect(frame)
+                return
+            handler = _HANDLERS.get(frame.command)
+            if handler is None:  # the parser validates commands; CONNECT lands here
+                raise BrokerError(
+                    "already connected", f"{frame.command} is only allowed as the first frame"
+                )
+            accepted = await handler(self, frame)
+            if receipt is not None and accepted and self.state is State.CONNECTED:
+                self.push_frame(stomp.Frame("RECEIPT", (("receipt-id", receipt),)))
+        except BrokerError as exc:
+            self.fail(exc.message, exc.detail, receipt)
+
+    # ------------------------------------------------------------------ CONNECT
+    async def _on_connect(self, frame: stomp.Frame) -> None:
+        cfg = self.config
+        try:
+            version = stomp.negotiate_version(frame.get("accept-version"))
+            client_hb = stomp.parse_heartbeat(frame.get("heart-beat"))
+        except stomp.ProtocolError as exc:
+            self.fail(
+                exc.message,
+                f"{exc.reason}: {exc.message}",
+                frame.get("receipt"),
+                (("version", ",".join(stomp.VERSIONS)),) if exc.reason == "bad-version" else (),
+            )
+            return
+        self.version = version
+        self.parser.version = version
+        device = frame.get("device-id")
+        if device is not None and not (0 < len(device) <= DEVICE_ID_MAX):
+            raise BrokerError(
+                "invalid device-id", f"device-id must be 1..{DEVICE_ID_MAX} characters"
+            )
+        identity = await self.broker.authenticate(
+            Credentials(
+                login=frame.get("login") or None,
+                passcode=frame.get("passcode") or None,
+                bearer=self.conn.bearer,
+                host=frame.get("host"),
+                peer=self.conn.peer,
+            )
+        )
+        self.send_ms, self.expect_ms = stomp.negotiate_heartbeat(
+            client_hb, (cfg.heartbeat_send_ms, cfg.heartbeat_recv_ms)
+        )
+        self.info = SessionInfo(
+            session_id=self.id,
+            user_id=identity.user_id,
+            roles=identity.roles,
+            device_id=device or identity.device_id or "web",
+            transport=self.conn.transport,
+            peer=self.conn.peer,
+        )
+        self.state = State.CONNECTED
+        self.push_frame(
+            stomp.Frame(
+                "CONNECTED",
+                (
+                    ("version", version),
+                    ("heart-beat", f"{self.send_ms},{self.expect_ms}"),
+                    ("server", cfg.server_name),
+                    ("session", self.id),
+                    ("user-name", identity.user_id),
+                ),
+            )
+        )
+        self.last_recv = self._last_refresh = trio.current_time()
+        self._timer_wake.set()
+        await self.broker.attach(self)
+
+    # ------------------------------------------------------------------ SEND
+    async def _on_send(self, frame: stomp.Frame) -> bool:
+        target = self.broker.authorize_send(self, frame.get("destination", ""))
+        if not await self.broker.allow_send(self, target):
+            return False  # dropped by the rate limit: no receipt
+        tx = frame.get("transaction")
+        if tx is not None:
+            self._tx_buffer(tx, frame)
+            return True
+        await self.broker.send(self, target, frame)
+        return True
+
+    def _tx_buffer(self, tx: str, frame: stomp.Frame) -> None:
+        frames = self.transactions.get(tx)
+        if frames is None:
+            raise BrokerError(
+                f"unknown transaction {tx}",
+                f"{frame.command} names a transaction that was not begun",
+            )
+        if len(frames) >= MAX_TX_FRAMES:
+            raise BrokerError(
+                f"transaction {tx} is too large", f"at most {MAX_TX_FRAMES} frames per transaction"
+            )
+        frames.append(frame)
+
+    # ------------------------------------------------------------------ SUBSCRIBE
+    async def _on_subscribe(self, frame: stomp.Frame) -> bool:
+        destination = frame.get("destination", "")
+        sub_id = frame.get("id") or destination  # STOMP 1.0 allows no id
+        if sub_id in self.subscriptions:
+            raise BrokerError(f"subscription id {sub_id} is already in use")
+        ack = frame.get("ack", "auto")
+        await self.broker.subscribe(self, sub_id, destination, ack)
+        return True
+
+    async def _on_unsubscribe(self, frame: stomp.Frame) -> bool:
+        sub_id = frame.get("id")
+        if sub_id is None:  # STOMP 1.0: by destination
+            dest = frame.get("destination")
+            sub_id = next(
+                (s.id for s in self.subscriptions.values() if s.destination == dest), None
+            )
+        sub = self.subscriptions.get(sub_id or "")
+        if sub is None:
+            raise BrokerError(f"no subscription with id {sub_id}")
+        self.broker.unsubscribe(sub)
+        return True
+
+    # ------------------------------------------------------------------ ACK / NACK
+    def _resolve_ack(self, frame: stomp.Frame) -> tuple[Subscription, Pending]:
+        if self.version == "1.2":
+            ack_id = frame.get("id", "")
+            found = self.acks.get(ack_id)
+            if found is None:
+                raise BrokerError(
+                    f"{frame.command} of unknown id {ack_id}",
+                    "the id does not match an unacknowledged message on this connection",
+                )
+            return found
+        message_id = frame.get("message-id", "")
+        sub_ids = (
+            [frame.get("subscription", "")] if self.version == "1.1" else list(self.subscriptions)
+        )
+        for sub_id in sub_ids:
+            sub = self.subscriptions.get(sub_id)
+            if sub is not None:
+                for pending in sub.unacked.values():
+                    if pending.message_id == message_id:
+                        return sub, pending
+        raise BrokerError(
+            f"{frame.command} of unknown message-id {message_id}",
+            "the message-id does not match an unacknowledged message on this connection",
+        )
+
+    async def _on_ack(self, frame: stomp.Frame) -> bool:
+        sub, pending = self._resolve_ack(frame)
+        tx = frame.get("transaction")
+        if tx is not None:
+            self._tx_buffer(tx, frame)
+            return True
+        await self._apply_ack(sub, pending, nack=frame.command == "NACK")
+        return True
+
+    async def _apply_ack(self, sub: Subscription, pending: Pending, *, nack: bool) -> None:
+        """ACK/NACK one message; in `client` mode every earlier one of the subscription too."""
+        if sub.ack == "client":
+            entries: list[Pending] = []
+            for key in list(sub.unacked):
+                entries.append(sub.unacked.pop(key))
+                if key == pending.ack_id:
+                    break
+        else:
+            entries = [sub.unacked.pop(pending.ack_id)]
+        for entry in entries:
+            self.acks.pop(entry.ack_id, None)
+        if nack:
+            self.broker.requeue(sub, entries)
+        else:
+            tracked = [e.message_id for e in entries if e.track]
+            if tracked:
+                await self.broker.delivered([(self.user_id, m) for m in tracked])
+            if sub.queue is not None:
+                self.broker.dispatch(sub.queue)  # room under the prefetch limit again
+
+    # ------------------------------------------------------------------ transactions
+    async def _on_begin(self, frame: stomp.Frame) -> bool:
+        tx = frame.get("transaction", "")
+        if tx in self.transactions:
+            raise BrokerError(f"transaction {tx} already started")
+        if len(self.transactions) >= MAX_TRANSACTIONS:
+            raise BrokerError(
+                "too many open transactions", f"at most {MAX_TRANSACTIONS} per connection"
+            )
+        self.transactions[tx] = []
+        return True
+
+    async def _on_commit(self, frame: stomp.Frame) -> bool:
+        tx = frame.get("transaction", "")
+        frames = self.transactions.pop(tx, None)
+        if frames is None:
+            raise BrokerError(f"COMMIT of unknown transaction {tx}")
+        for buffered in frames:
+            if buffered.command == "SEND":
+                target = self.broker.authorize_send(self, buffered.get("destination", ""))
+                await self.broker.send(self, target, buffered)
+            else:
+                sub, pending = self._resolve_ack(buffered)
+                await self._apply_ack(sub, pending, nack=buffered.command == "NACK")
+            if self.state is not State.CONNECTED:
+                break
+        return True
+
+    async def _on_abort(self, frame: stomp.Frame) -> bool:
+        tx = frame.get("transaction", "")
+        if self.transactions.pop(tx, None) is None:
+            raise BrokerError(f"ABORT of unknown transaction {tx}")
+        return True
+
+    async def _on_disconnect(self, frame: stomp.Frame) -> bool:
+        receipt = frame.get("receipt")
+        final = None if receipt is None else stomp.Frame("RECEIPT", (("receipt-id", receipt),))
+        self._begin_close(final)
+        return False  # the receipt (if any) is already queued
+
+    # ------------------------------------------------------------------ outbound
+    def _outbound(self, frame: stomp.Frame, delivered: tuple[str, str] | None = None) -> Outbound:
+        data = stomp.encode(frame, self.version)
+        if self.config.ws_always_binary:
+            text = False
+        else:
+            try:
+                frame.body.decode("utf-8")
+                text = True
+            except UnicodeDecodeError:
+                text = False
+        return Outbound(data, text, frame.command, delivered)
+
+    def push_frame(self, frame: stomp.Frame, delivered: tuple[str, str] | None = None) -> bool:
+        """Queue a frame for the writer; False when it was not queued (closing or slow)."""
+        if self.state is State.CLOSING:
+            metrics.DROPS.labels("closing").inc()
+            return False
+        item = self._outbound(frame, delivered)
+        cfg = self.config
+        if self._out and (
+            len(self._out) >= cfg.outbound_queue_frames
+            or self._out_bytes + len(item.data) > cfg.outbound_queue_bytes
+        ):
+            self.slow_consumer()
+            return False
+        self._out.append(item)
+        self._out_bytes += len(item.data)
+        self._wake.set()
+        return True
+
+    def slow_consumer(self) -> None:
+        """The outbound queue is full: drop it, send ERROR "slow consumer", close."""
+        if self.state is State.CLOSING:
+            return
+        cfg = self.config
+        metrics.SLOW_CONSUMER_DISCONNECTS.inc()
+        metrics.DROPS.labels("slow_consumer").inc(len(self._out) + 1)
+        metrics.ERRORS.inc()
+        self._begin_close(
+            self._error_frame(
+                "slow consumer",
+                f"more than {cfg.outbound_queue_frames} frames or {cfg.outbound_queue_bytes}"
+                " bytes were waiting for this connection",
+                None,
+            ),
+            discard_queued=True,
+            code=1008,
+        )
+
+    def deliver(
+        self,
+        sub: Subscription,
+        message_id: str,
+        body: bytes,
+        headers: tuple[tuple[str, str], ...] = (),
+        *,
+        redelivered: bool = False,
+        queue_msg: QueueMessage | None = None,
+    ) -> bool:
+        """Queue one MESSAGE for `sub`; track it for ACK unless ack:auto. False if not queued."""
+        out: list[tuple[str, str]] = [
+            ("subscription", sub.id),
+            ("message-id", message_id),
+            ("destination", sub.destination),
+        ]
+        track = sub.target.name == PRIVATE_QUEUE and sub.target.kind is Kind.USER
+        pending: Pending | None = None
+        if sub.ack != "auto":
+            self._ack_seq += 1
+            pending = Pending(f"{self.id[:8]}-{self._ack_seq}", message_id, queue_msg, track)
+            if self.version == "1.2":
+                out.append(("ack", pending.ack_id))
+        if redelivered:
+            out.append(("redelivered", "true"))
+        out.extend(h for h in headers if h[0] not in RESERVED_HEADERS)
+        out.append(("content-length", str(len(body))))
+        frame = stomp.Frame("MESSAGE", tuple(out), body)
+        delivered = (self.user_id, message_id) if track and pending is None else None
+        if not self.push_frame(frame, delivered):
+            return False
+        metrics.DELIVERIES.labels(sub.target.kind.value).inc()
+        if pending is not None:
+            sub.unacked[pending.ack_id] = pending
+            self.acks[pending.ack_id] = (sub, pending)
+        return True
+
+    async def _write_loop(self) -> None:
+        while True:
+            while not self._out:
+                if self.state is State.CLOSING:
+                    self._abort()
+                    return
+                await self._wake.wait()
+                self._wake = trio.Event()
+            batch = list(self._out)
+            self._out.clear()
+            self._out_bytes = 0
+            try:
+                await self.conn.send(batch)
+            except TransportClosed:
+                self._abort()
+                return
+            self.last_send = trio.current_time()
+            delivered: list[tuple[str, str]] = []
+            for item in batch:
+                metrics.FRAMES_OUT.labels(item.command or "heart-beat").inc()
+                if item.delivered is not None:
+                    delivered.append(item.delivered)
+            if delivered:
+                await self.broker.delivered(delivered)
+
+    # ------------------------------------------------------------------ timers
+    async def _timer_loop(self) -> None:
+        connect_deadline = trio.current_time() + self.config.connect_timeout_s
+        while True:
+            now = trio.current_time()
+            wake = math.inf
+            if self.state is State.CLOSING:
+                return
+            if self.state is State.NEW:
+                if now >= connect_deadline:
+                    self.fail(
+                        "no CONNECT frame received",
+                        f"connections must send CONNECT within {self.config.connect_timeout_s:g} s",
+                    )
+                    return
+                wake = connect_deadline
+            else:
+                if self.send_ms:
+                    due = self.last_send + self.send_ms / 1000
+                    if now >= due:
+                        if not self._out:
+                            self._out.append(HEARTBEAT)
+                            self._out_bytes += 1
+                            self._wake.set()
+                        due = now + self.send_ms / 1000
+                    wake = min(wake, due)
+                if self.expect_ms:
+                    limit = self.last_recv + 2 * self.expect_ms / 1000
+                    if now >= limit:
+                        self.fail(
+                            "heart-beat timeout",
+                            f"nothing received for {2 * self.expect_ms} ms"
+                            f" (negotiated interval {self.expect_ms} ms)",
+                        )
+                        return
+                    wake = min(wake, limit)
+            with trio.move_on_at(wake):
+                await self._timer_wake.wait()
+            self._timer_wake = trio.Event()
+
+
+_HANDLERS = {
+    "SEND": Session._on_send,
+    "SUBSCRIBE": Session._on_subscribe,
+    "UNSUBSCRIBE": Session._on_unsubscribe,
+    "ACK": Session._on_ack,
+    "NACK": Session._on_ack,
+    "BEGIN": Session._on_begin,
+    "COMMIT": Session._on_commit,
+    "ABORT": Session._on_abort,
+    "DISCONNECT": Session._on_disconnect,
+}

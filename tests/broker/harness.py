@@ -1,0 +1,93 @@
+"""A broker on real sockets for tests: TCP listener + quart-trio `/ws` under hypercorn.
+
+The authenticator is a small user table (the real AuthService is exercised by the
+integration tests in test_server.py): passcode `token-<user>` (optionally
+`token-<user>@<device>`) is a valid bearer token; login `<user>` with passcode
+`<user>-password` is a valid password login.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve
+from quart_trio import QuartTrio
+
+from securecollab.backplane.memory import MemoryBackplane
+from securecollab.broker.config import BrokerConfig
+from securecollab.broker.core import Broker
+from securecollab.broker.errors import AuthenticationFailed
+from securecollab.broker.hooks import BrokerHooks, Credentials, Identity
+from securecollab.transport.tcp import serve_stomp_tcp
+from securecollab.transport.websocket import stomp_websocket_view
+
+USERS = ("alice", "bob", "carol", "dave")
+
+
+def _token_identity(token: str) -> Identity | None:
+    if not token.startswith("token-"):
+        return None
+    user, _, device = token[len("token-") :].partition("@")
+    return Identity(user, ("user",), device or None) if user in USERS else None
+
+
+async def table_authenticate(creds: Credentials) -> Identity:
+    if creds.bearer is not None:
+        ident = _token_identity(creds.bearer)
+        if ident is None:
+            raise AuthenticationFailed("authentication failed", "invalid bearer token")
+        return ident
+    if creds.passcode is None:
+        raise AuthenticationFailed(
+            "authentication failed", "CONNECT needs a passcode (JWT) or login/passcode"
+        )
+    ident = _token_identity(creds.passcode)
+    if ident is not None:
+        return ident
+    if creds.login in USERS and creds.passcode == f"{creds.login}-password":
+        return Identity(creds.login, ("user",), None)
+    raise AuthenticationFailed("authentication failed", "invalid credentials")
+
+
+@dataclass
+class BrokerServer:
+    broker: Broker
+    backplane: MemoryBackplane
+    tcp_port: int
+    http_port: int
+
+
+@asynccontextmanager
+async def broker_server(
+    hooks: BrokerHooks | None = None, **config: Any
+) -> AsyncIterator[BrokerServer]:
+    """Start a broker (TCP + WebSocket on ephemeral 127.0.0.1 ports) for one test."""
+    cfg = replace(BrokerConfig(), **config)
+    backplane = MemoryBackplane()
+    broker = Broker(backplane, cfg, table_authenticate, hooks)
+    app = QuartTrio(__name__)
+    app.websocket("/ws")(stomp_websocket_view(lambda: broker))
+    hc = HyperConfig()
+    hc.bind = ["127.0.0.1:0"]
+    hc.graceful_timeout = 1
+    hc.accesslog = None
+    hc.errorlog = None
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_stomp_tcp, broker, "127.0.0.1", 0)
+        binds = await nursery.start(
+            lambda task_status: serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)
+        )
+        tcp_port = listeners[0].socket.getsockname()[1]
+        http_port = int(binds[0].rsplit(":", 1)[1])
+        try:
+            yield BrokerServer(broker, backplane, tcp_port, http_port)
+        finally:
+            await broker.shutdown(1.0)
+            stop.set()
+            nursery.cancel_scope.cancel()
