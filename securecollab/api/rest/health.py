@@ -1,0 +1,57 @@
+"""Liveness, readiness and Prometheus metrics (public, not rate limited)."""
+
+from __future__ import annotations
+
+import trio
+from pydantic import BaseModel
+from quart import Blueprint, Response
+from quart_schema import document_response, tag, validate_response
+
+from securecollab.api.rest.errors import error_response
+from securecollab.api.rest.middleware import app_ctx, public
+from securecollab.api.rest.schemas import ErrorBody
+from securecollab.store import StoreError
+
+bp = Blueprint("health", __name__)
+
+READY_TIMEOUT_S = 2.0
+
+
+class StatusOut(BaseModel):
+    status: str
+
+
+@bp.get("/healthz")
+@public
+@tag(["ops"])
+@validate_response(StatusOut)
+async def healthz() -> StatusOut:
+    """Liveness: 200 while the process serves HTTP."""
+    return StatusOut(status="ok")
+
+
+@bp.get("/readyz")
+@public
+@tag(["ops"])
+@validate_response(StatusOut)
+@document_response(ErrorBody, 503)
+async def readyz() -> StatusOut | Response:
+    """Readiness: 200 when the store answers within 2 s; 503 otherwise or while shutting down."""
+    ctx = app_ctx()
+    if ctx.shutdown.is_set():
+        return error_response(503, "shutting_down", "the server is shutting down")
+    try:
+        with trio.fail_after(READY_TIMEOUT_S):
+            await ctx.store.ping()
+    except (StoreError, trio.TooSlowError, OSError, RuntimeError):
+        return error_response(503, "not_ready", "the store is unreachable")
+    return StatusOut(status="ready")
+
+
+@bp.get("/metrics")
+@public
+@tag(["ops"])
+async def metrics() -> Response:
+    """Prometheus text exposition: HTTP, store, broker and process metrics."""
+    m = app_ctx().metrics
+    return Response(m.render(), content_type=m.content_type)

@@ -1,0 +1,196 @@
+"""Gateway behaviour around every REST request.
+
+Order per request (before the route): request id -> CORS preflight -> per-IP rate
+limit -> authentication (every `/api/...` route unless marked `@public`) -> per-user
+rate limit. After the route: security headers, CORS headers, request id echo, metrics
+and one JSON access-log line (path without query string; never bodies or headers).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from quart import Quart, Response, current_app, g, request
+from quart_schema import security_scheme
+from quart_trio.wrappers import TrioRequest
+
+from securecollab.api.rest.errors import InvalidJson, NotJson, error_response
+from securecollab.context import AppContext
+from securecollab.ids import now_ms
+from securecollab.log import request_id_var
+from securecollab.services.auth import Principal
+from securecollab.services.errors import RateLimited, Unauthorized
+
+log = logging.getLogger("securecollab.http")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PUBLIC_ATTR = "_securecollab_public"
+CTX_KEY = "securecollab.ctx"
+# probes and scrapes must not eat a client's rate-limit budget (or be refused by it)
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+HSTS = "max-age=31536000; includeSubDomains"
+CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, X-Request-Id"
+CORS_EXPOSE = "Retry-After, X-Request-Id"
+
+
+def public(func: F) -> F:
+    """Mark a route as not needing a Bearer token (and document it so in OpenAPI)."""
+    setattr(func, PUBLIC_ATTR, True)
+    return security_scheme([])(func)  # type: ignore[no-any-return]
+
+
+def app_ctx() -> AppContext:
+    """The AppContext of the app serving this request."""
+    ctx: AppContext = current_app.extensions[CTX_KEY]
+    return ctx
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of this request (routes behind auth only)."""
+    principal: Principal | None = g.get("principal")
+    if principal is None:  # a route forgot it is public: fail closed
+        raise Unauthorized("authentication required", code="unauthorized")
+    return principal
+
+
+def client_ip() -> str:
+    """The peer address (no proxy headers are trusted)."""
+    return request.remote_addr or "unknown"
+
+
+class JsonRequest(TrioRequest):
+    """Request whose JSON errors are ours: 415 for non-JSON, 400 `invalid_json` for bad JSON."""
+
+    async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
+        if not (force or self.is_json) and not silent:
+            raise NotJson()
+        return await super().get_json(force=force, silent=silent, cache=cache)
+
+    def on_json_loading_failed(self, error: Exception) -> Any:
+        raise InvalidJson(f"malformed JSON body: {error}")
+
+
+def _retry_after(ms: int) -> int:
+    return max(1, -(-ms // 1000))
+
+
+def install_middleware(app: Quart, ctx: AppContext) -> None:
+    """Register the before/after hooks on `app`."""
+    http = ctx.settings.http
+    allowed_origins = set(http.cors_origins)
+
+    def origin_allowed(origin: str) -> bool:
+        return "*" in allowed_origins or origin in allowed_origins
+
+    @app.before_request
+    async def _before() -> Response | None:
+        g.start = time.perf_counter()
+        rid = request.headers.get("X-Request-Id", "")
+        g.request_id = rid if _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex
+        request_id_var.set(g.request_id)
+
+        origin = request.headers.get("Origin")
+        if (
+            request.method == "OPTIONS"
+            and origin
+            and request.headers.get("Access-Control-Request-Method")
+        ):
+            if not origin_allowed(origin):
+                return error_response(403, "cors_origin_denied", f"origin {origin} is not allowed")
+            resp = Response("", status=204)
+            resp.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+            resp.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+            resp.headers["Access-Control-Max-Age"] = "600"
+            return resp
+
+        if request.path in UNLIMITED_PATHS:
+            return None
+        now = now_ms()
+        decision = await ctx.backplane.hit(
+            f"rest:ip:{client_ip()}", http.rate_limit_ip_per_min, 60_000, now
+        )
+        if not decision.allowed:
+            ctx.metrics.rate_limited("ip")
+            retry = _retry_after(decision.retry_after_ms)
+            raise RateLimited(
+                f"too many requests from this address; retry in {retry} s", retry_after_s=retry
+            )
+
+        view = current_app.view_functions.get(request.endpoint or "")
+        needs_auth = (
+            request.path.startswith("/api/")
+            and view is not None
+            and not getattr(view, PUBLIC_ATTR, False)
+        )
+        if not needs_auth:
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing Bearer token", code="unauthorized")
+        principal = await ctx.auth.verify_access_token(token.strip())
+        g.principal = principal
+        decision = await ctx.backplane.hit(
+            f"rest:user:{principal.user_id.lower()}", http.rate_limit_user_per_min, 60_000, now
+        )
+        if not decision.allowed:
+            ctx.metrics.rate_limited("user")
+            retry = _retry_after(decision.retry_after_ms)
+            raise RateLimited(
+                f"too many requests for this user; retry in {retry} s", retry_after_s=retry
+            )
+        return None
+
+    @app.after_request
+    async def _after(resp: Response) -> Response:
+        h = resp.headers
+        h.setdefault("X-Frame-Options", "DENY")
+        h.setdefault("X-Content-Type-Options", "nosniff")
+        h.setdefault("Referrer-Policy", "no-referrer")
+        h.setdefault("Content-Security-Policy", DEFAULT_CSP)
+        if request.scheme in ("https", "wss"):
+            h["Strict-Transport-Security"] = HSTS
+        if request.path.startswith("/api/"):
+            h.setdefault("Cache-Control", "no-store")  # tokens must not sit in caches
+        origin = request.headers.get("Origin")
+        if origin and origin_allowed(origin):
+            h["Access-Control-Allow-Origin"] = "*" if "*" in allowed_origins else origin
+            h["Access-Control-Expose-Headers"] = CORS_EXPOSE
+            h.add("Vary", "Origin")
+        rid = g.get("request_id")
+        if rid:
+            h["X-Request-Id"] = rid
+        _observe(ctx, resp.status_code)
+        return resp
+
+
+def _observe(ctx: AppContext, status: int) -> None:
+    start = g.get("start")
+    seconds = time.perf_counter() - start if start is not None else 0.0
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    ctx.metrics.observe_request(request.method, route, status, seconds)
+    principal = g.get("principal")
+    log.info(
+        "http request",
+        extra={
+            "fields": {
+                "method": request.method,
+                "path": request.path,
+                "route": route,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 2),
+                "ip": client_ip(),
+                "user": principal.user_id if principal else None,
+            }
+        },
+    )
