@@ -26,14 +26,14 @@ BATCH_HISTORY = 1000
 class WriteOp(Generic[T]):
     """One queued write: the function the writer runs, then its outcome.
 
-    `fn` receives the writer's connection (sqlite3.Connection, or asyncpg.Connection for
-    an async `fn`). `result`/`error` are set by the writer, `finish()` is called on the trio
-    thread once the batch's fate is known.
+    `fn` receives the writer's connection: a sqlite3.Connection (and returns the result),
+    or an asyncpg.Connection (and returns an awaitable of the result). `result`/`error` are
+    set by the writer; `done` is set on the trio thread once the batch's fate is known.
     """
 
     __slots__ = ("done", "error", "fn", "result")
 
-    def __init__(self, fn: Callable[[Any], T]) -> None:
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
         self.result: T | None = None
         self.error: BaseException | None = None

@@ -19,7 +19,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
@@ -199,7 +199,14 @@ class SQLiteStore:
             conn.close()
             raise StoreUnavailable(f"SQLite at {self.path} refused WAL mode (got {mode!r})")
         self._writer_conn = conn
-        self._readers = [_connect(self.path, read_only=True) for _ in range(self._read_pool)]
+        try:
+            for _ in range(self._read_pool):
+                self._readers.append(_connect(self.path, read_only=True))
+        except BaseException:
+            for reader in self._readers:
+                reader.close()
+            conn.close()
+            raise
 
     def _start_writer(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -840,14 +847,14 @@ def _page_filters(page: Page) -> tuple[str, list[Any]]:
     return sql, params
 
 
-@asynccontextmanager
-async def open_sqlite(
+def open_sqlite(
     url: str, *, batch_max: int = 256, batch_wait_ms: float = 1.0, read_pool: int = 4
-) -> AsyncIterator[SQLiteStore]:
+) -> AbstractAsyncContextManager[SQLiteStore]:
     """Open the SQLite store at `url` (parent directories are created).
 
     Starts the writer thread; on exit, drains queued writes and closes every connection.
     Migrations are not applied here: call `await store.migrate()` (the app does at startup).
+    A malformed url raises ValueError at once, before anything is opened.
     """
     store = SQLiteStore(
         url,
@@ -856,9 +863,14 @@ async def open_sqlite(
         batch_wait_ms=batch_wait_ms,
         read_pool=read_pool,
     )
+    return _opened(store)
+
+
+@asynccontextmanager
+async def _opened(store: SQLiteStore) -> AsyncIterator[SQLiteStore]:
     try:
         await trio.to_thread.run_sync(store._open_sync)
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise StoreUnavailable(f"cannot open SQLite database {store.path}: {exc}") from exc
     store._start_writer()
     try:

@@ -7,7 +7,7 @@ import trio
 from prometheus_client import REGISTRY
 
 from securecollab.ids import new_id
-from securecollab.store import Conflict, Page, Store
+from securecollab.store import Conflict, Page, Store, open_store
 
 from .conftest import is_sqlite, wait_queued, writer_held
 from .factories import message, user
@@ -125,9 +125,13 @@ async def test_cancelled_reads_leave_the_pool_usable(store: Store) -> None:
 
 
 @pytest.mark.postgres
-async def test_postgres_read_cancelled_mid_query(store: Store) -> None:
-    if is_sqlite(store):
-        pytest.skip("SQLite reads run to completion in their worker thread")
+async def test_postgres_read_cancelled_mid_query(pg_url: str) -> None:
+    # PostgreSQL only: a SQLite read runs to completion in its worker thread
+    async with open_store(pg_url, read_pool=3) as store:
+        await _cancel_mid_query(store)
+
+
+async def _cancel_mid_query(store: Store) -> None:
     with trio.move_on_after(0.2) as scope:
         await store._read(lambda c: c.fetchval("SELECT pg_sleep(10)"))  # type: ignore[attr-defined]
     assert scope.cancelled_caught
