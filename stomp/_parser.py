@@ -225,7 +225,15 @@ class Parser:
                     body_start = crlf + 3
                 elif head_end >= 0:
                     body_start = head_end + 2
-                else:
+                nul = find(b"\x00", start, head_end if head_end >= 0 else min(n, window))
+                if nul >= 0:
+                    # A NUL before the blank line: the spec's own DISCONNECT and RECEIPT
+                    # examples omit it, so accept "headers EOL NUL" as a body-less frame.
+                    if nul == pos or buf[nul - 1] != 10:
+                        raise ProtocolError("malformed-frame", "NUL inside the frame headers")
+                    head_end = nul - 2 if nul - 2 >= pos and buf[nul - 2] == 13 else nul - 1
+                    body_start = nul
+                elif head_end < 0:
                     self._check_partial_head(buf, pos, start, n)
                     if n - pos >= max_frame:
                         raise _too_large(limits)

@@ -6,14 +6,21 @@ import re
 
 from ._frame import HEARTBEAT_BYTES, UNESCAPED_COMMANDS, VERSIONS, Frame, HeartBeat
 
-_SPECIAL = re.compile(r"[\\\r\n:]")
+_SPECIAL = re.compile(r"[\\\r\n:\x00]")
 _TABLE_12 = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", ":": "\\c"})
 _TABLE_11 = str.maketrans({"\\": "\\\\", "\n": "\\n", ":": "\\c"})
 
 
 def escape(text: str, version: str = "1.2") -> str:
-    """Escape a header name or value for ``version`` (1.0: returned as is)."""
-    if version == "1.0" or _SPECIAL.search(text) is None:
+    """Escape a header name or value for ``version`` (1.0: returned as is).
+
+    Raises ValueError for what no version can carry (NUL) or 1.1 cannot (CR).
+    """
+    if _SPECIAL.search(text) is None:
+        return text
+    if "\x00" in text:
+        raise ValueError("a header cannot carry a NUL")
+    if version == "1.0":
         return text
     if version == "1.1":
         if "\r" in text:
@@ -25,8 +32,8 @@ def escape(text: str, version: str = "1.2") -> str:
 def _check_raw(name: str, value: str, command: str) -> None:
     if "\n" in name or "\r" in name or ":" in name or not name:
         raise ValueError(f"header name {name!r} cannot be sent unescaped in {command}")
-    if "\n" in value or "\r" in value:
-        raise ValueError(f"header {name!r} value cannot carry CR/LF unescaped in {command}")
+    if "\n" in value or "\r" in value or "\x00" in value or "\x00" in name:
+        raise ValueError(f"header {name!r} value cannot carry CR, LF or NUL unescaped in {command}")
 
 
 def encode(frame: Frame | type[HeartBeat], version: str = "1.2") -> bytes:

@@ -69,8 +69,7 @@ def test_encode_adds_content_length_and_escapes() -> None:
     )
     wire = stomp.encode(frame)
     assert (
-        wire
-        == b"MESSAGE\ndestination:/a\\cb\\n\nmessage-id:1\nsubscription:s\n"
+        wire == b"MESSAGE\ndestination:/a\\cb\\n\nmessage-id:1\nsubscription:s\n"
         b"content-length:1\n\n\x00\x00"
     )
     (back,) = Parser(side="client").feed(wire)
@@ -131,3 +130,153 @@ def test_negotiation() -> None:
     # client can send every 1000 and wants every 5000; server can every 2000, wants 3000
     assert stomp.negotiate_heartbeat((1000, 5000), (2000, 3000)) == (5000, 3000)
     assert stomp.negotiate_heartbeat((0, 5000), (2000, 0)) == (5000, 0)
+
+
+def reason_of(data: bytes, **kw: object) -> str:
+    with pytest.raises(ProtocolError) as err:
+        feed_all(data, **kw)
+    whole = err.value.reason
+    with pytest.raises(ProtocolError):
+        feed_bytewise(data, **kw)
+    return whole
+
+
+def test_escapes_per_version() -> None:
+    line = b"SEND\ndestination:/a\\c\\\\\\n\\r\n\n\x00"
+    (f12,) = feed_all(line, version="1.2")
+    assert isinstance(f12, Frame)
+    assert f12.get("destination") == "/a:\\\n\r"
+    # 1.1 has no \r escape: it is an undefined escape, a fatal error
+    assert reason_of(line, version="1.1") == "bad-escape"
+    (f11,) = feed_all(b"SEND\ndestination:/a\\c\\\\\\n\n\n\x00", version="1.1")
+    assert isinstance(f11, Frame)
+    assert f11.get("destination") == "/a:\\\n"
+    # 1.0 has no escaping at all
+    (f10,) = feed_all(line, version="1.0")
+    assert isinstance(f10, Frame)
+    assert f10.get("destination") == "/a\\c\\\\\\n\\r"
+    assert reason_of(b"SEND\ndestination:/a\\t\n\n\x00") == "bad-escape"
+    assert reason_of(b"SEND\ndestination:/a\\\n\n\x00") == "bad-escape"  # trailing backslash
+
+
+def test_writer_escapes_per_version() -> None:
+    frame = Frame("SEND", (("destination", "a:b\\c\n"),))
+    assert stomp.encode(frame, "1.2") == b"SEND\ndestination:a\\cb\\\\c\\n\n\n\x00"
+    assert stomp.encode(frame, "1.1") == b"SEND\ndestination:a\\cb\\\\c\\n\n\n\x00"
+    with pytest.raises(ValueError):
+        stomp.encode(frame, "1.0")  # 1.0 cannot carry a newline in a header
+    with pytest.raises(ValueError):
+        stomp.encode(Frame("SEND", (("destination", "a\r"),)), "1.1")
+    assert (
+        stomp.encode(Frame("SEND", (("destination", "a:b"),)), "1.0")
+        == b"SEND\ndestination:a:b\n\n\x00"
+    )
+    # CONNECT/CONNECTED are never escaped
+    assert (
+        stomp.encode(Frame("CONNECT", (("passcode", "a:b\\n"),)))
+        == b"CONNECT\npasscode:a:b\\n\n\n\x00"
+    )
+    with pytest.raises(ValueError):
+        stomp.encode(Frame("SEND", (("content-length", "9"),), b"abc"))
+    assert stomp.encode(HeartBeat) == stomp.HEARTBEAT_BYTES == b"\n"
+
+
+def test_bad_utf8_is_a_clear_error() -> None:
+    with pytest.raises(ProtocolError) as err:
+        feed_all(b"SEND\ndestination:/\xff\xfe\n\n\x00")
+    assert err.value.reason == "bad-utf8"
+    assert "UTF-8" in err.value.message
+    (frame,) = feed_all("SEND\ndestination:/é/日本\n\n\x00".encode())
+    assert isinstance(frame, Frame)
+    assert frame.get("destination") == "/é/日本"
+
+
+def test_header_values_are_not_trimmed_and_colons_after_the_first_are_kept() -> None:
+    (frame,) = feed_all(b"SEND\ndestination: /a \nx:1:2\n\n\x00")
+    assert isinstance(frame, Frame)
+    assert frame.headers == (("destination", " /a "), ("x", "1:2"))
+
+
+def test_framing_errors() -> None:
+    assert reason_of(b"SEND\ndestination:/a\nnocolon\n\n\x00") == "malformed-header"
+    assert reason_of(b"SEND\ndestination:/a\n:empty-name\n\n\x00") == "malformed-header"
+    assert reason_of(b"SEND\ndestination:/a\ncontent-length:x\n\n\x00") == "bad-content-length"
+    assert reason_of(b"SEND\ndestination:/a\ncontent-length:1\n\nab\x00") == "bad-content-length"
+    assert reason_of(b"SUBSCRIBE\nid:1\ndestination:/a\n\nbody\x00") == "unexpected-body"
+    assert reason_of(b"SUBSCRIBE\nid:1\ndestination:/a\nack:sometimes\n\n\x00") == "bad-header"
+    assert reason_of(b"CONNECT\nheart-beat:fast\n\n\x00") == "bad-heart-beat"
+    assert reason_of(b"\rSEND\n\n\x00") == "malformed-frame"
+    assert reason_of(b"send\ndestination:/a\n\n\x00") == "unknown-command"  # case sensitive
+
+
+def test_required_headers_per_version() -> None:
+    # 1.2 ACK needs id; 1.1 message-id + subscription; 1.0 message-id; NACK not in 1.0
+    assert feed_all(b"ACK\nid:1\n\n\x00", version="1.2")
+    assert (
+        reason_of(b"ACK\nmessage-id:1\nsubscription:0\n\n\x00", version="1.2") == "missing-header"
+    )
+    assert feed_all(b"ACK\nmessage-id:1\nsubscription:0\n\n\x00", version="1.1")
+    assert reason_of(b"ACK\nmessage-id:1\n\n\x00", version="1.1") == "missing-header"
+    assert feed_all(b"ACK\nmessage-id:1\n\n\x00", version="1.0")
+    assert reason_of(b"NACK\nmessage-id:1\n\n\x00", version="1.0") == "unknown-command"
+    assert reason_of(b"SUBSCRIBE\ndestination:/a\n\n\x00", version="1.2") == "missing-header"
+    assert feed_all(b"SUBSCRIBE\ndestination:/a\n\n\x00", version="1.0")
+    assert feed_all(b"UNSUBSCRIBE\ndestination:/a\n\n\x00", version="1.0")
+    assert reason_of(b"UNSUBSCRIBE\ndestination:/a\n\n\x00", version="1.1") == "missing-header"
+    for command in (b"BEGIN", b"COMMIT", b"ABORT"):
+        assert reason_of(command + b"\n\n\x00") == "missing-header"
+    assert (
+        reason_of(b"MESSAGE\ndestination:/a\nmessage-id:1\n\n\x00", side="client")
+        == "missing-header"
+    )
+    assert reason_of(b"RECEIPT\n\n\x00", side="client") == "missing-header"
+    assert reason_of(b"SEND\ndestination:/a\n\n\x00", side="client") == "unknown-command"
+    assert feed_all(b"ERROR\n\n\x00", side="client")
+    # a STOMP 1.2 client must send host, but real clients omit it: accepted
+    assert feed_all(b"STOMP\naccept-version:1.2\n\n\x00")
+
+
+def test_trailing_eols_after_nul_are_heartbeats_not_frames() -> None:
+    data = b"SEND\ndestination:/a\n\nx\x00\n\r\n\n"
+    events = feed_bytewise(data)
+    assert events[1:] == [HeartBeat, HeartBeat, HeartBeat]
+
+
+def test_connect_switches_version_for_pipelined_frames() -> None:
+    parser = Parser(side="server")  # starts at 1.2
+    with pytest.raises(ProtocolError) as err:
+        parser.feed(
+            b"CONNECT\naccept-version:1.0,1.1\nhost:h\n\n\x00SEND\ndestination:/a\\r\n\n\x00"
+        )
+    # 1.1 was negotiated before the pipelined SEND was read, and 1.1 has no \r escape
+    assert parser.version == "1.1"
+    assert err.value.reason == "bad-escape"
+    assert [e.command for e in err.value.events] == ["CONNECT"]
+    parser = Parser(side="server")
+    events = parser.feed(b"CONNECT\n\n\x00SEND\ndestination:/a\\r\n\n\x00")
+    assert parser.version == "1.0"  # no accept-version: 1.0, where backslashes are literal
+    assert isinstance(events[1], Frame)
+    assert events[1].get("destination") == "/a\\r"
+
+
+def test_memory_stays_bounded_under_trickle_and_flood() -> None:
+    limits = Limits(max_frame_bytes=4096, max_body_bytes=4096)
+    parser = Parser(limits=limits)
+    parser.feed(b"SEND\ndestination:/a\n\n")
+    with pytest.raises(ProtocolError) as err:
+        for _ in range(10_000):
+            parser.feed(b"y")
+            assert parser.buffered <= limits.max_frame_bytes + 1
+    assert err.value.reason in ("frame-too-large", "body-too-large")
+    # a header block that never ends
+    parser = Parser(limits=limits)
+    with pytest.raises(ProtocolError) as err:
+        for _ in range(10_000):
+            parser.feed(b"SEND\n")
+            assert parser.buffered <= limits.max_frame_bytes + 1
+    assert err.value.reason == "too-many-headers"
+    # one huge chunk: rejected without buffering it
+    parser = Parser(limits=limits)
+    with pytest.raises(ProtocolError):
+        parser.feed(b"SEND\ndestination:/a\n\n" + b"z" * 1_000_000)
+    assert parser.buffered == 0
