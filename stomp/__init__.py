@@ -18,6 +18,15 @@ frames in, bytes out (the h11/wsproto model). Usage::
     send_ms, expect_ms = stomp.negotiate_heartbeat(
         stomp.parse_heartbeat(connect.get("heart-beat")), (10000, 10000))
 
+With the session helper (no I/O either; the caller owns sockets and timers)::
+
+    conn = stomp.Connection("server", heart_beat=(10000, 10000))
+    conn.receive_data(chunk)                      # b"" = peer closed
+    while (event := conn.next_event()) not in (stomp.NEED_DATA, stomp.CLOSED):
+        if isinstance(event, stomp.Frame) and event.command in ("CONNECT", "STOMP"):
+            sock_send(conn.send(stomp.Frame("CONNECTED")))   # version/heart-beat filled in
+    conn.version, conn.heartbeat                  # "1.2", (send_every_ms, expect_every_ms)
+
 Errors are one type, :class:`ProtocolError`, with ``.reason`` (machine-readable) and
 ``.message`` (fit for an ERROR frame's ``message`` header). Limits (:class:`Limits`)
 default to 100 KiB frames and bodies, 64 headers and 8 KiB header lines; the parser never
