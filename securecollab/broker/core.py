@@ -197,12 +197,14 @@ class Broker:
     # ------------------------------------------------------------------ SEND
     def authorize_send(self, session: Session, destination: str) -> Destination:
         """Classify and authorize a client SEND; raises BrokerError/Forbidden."""
-        target = destinations.parse(destination, session.user_id)
-        if target.kind in (Kind.USER, Kind.PRESENCE, Kind.CHANNEL):
-            hint = "send chat messages to /app/chat/send" if target.kind is Kind.CHANNEL else ""
+        if destinations.server_only(destination):
+            hint = (
+                "send chat messages to /app/chat/send" if destination.startswith("/topic/") else ""
+            )
             raise Forbidden(
                 f"clients cannot send to {destination}", hint or "server-only destination"
             )
+        target = destinations.parse(destination, session.user_id)
         if target.kind is Kind.APP:
             if self._app_handler(target.name) is None:
                 raise BrokerError(

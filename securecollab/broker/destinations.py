@@ -94,6 +94,15 @@ def parse(destination: str, user_id: str) -> Destination:
     )
 
 
+def server_only(destination: str) -> bool:
+    """Destinations only the server publishes to (clients' SENDs are refused)."""
+    return (
+        destination.startswith("/user/")
+        or destination == PRESENCE_TOPIC
+        or destination.startswith(CHANNEL_PREFIX)
+    )
+
+
 def acl_allows(rules: tuple[AclRule, ...], destination: str, user_id: str, action: str) -> bool:
     """True when any rule matching `destination` lists `user_id` (or "*") for `action`."""
     for rule in rules:

@@ -9,7 +9,7 @@ tests can check one-frame-per-message and text/binary framing.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -111,11 +111,9 @@ class Client:
     ) -> None:
         headers = {"destination": destination, "id": sub_id, "ack": ack}
         if receipt:
-            headers["receipt"] = f"sub-{sub_id}"
-        await self.frame("SUBSCRIBE", headers)
-        if receipt:
-            r = await self.next("RECEIPT")
-            assert r.get("receipt-id") == f"sub-{sub_id}"
+            await self.receipt("SUBSCRIBE", headers, rid=f"sub-{sub_id}")
+        else:
+            await self.frame("SUBSCRIBE", headers)
 
     async def receipt(
         self, command: str, headers: dict[str, str], body: bytes | str = b"", rid: str = "r"
@@ -225,3 +223,10 @@ async def ws_client(
                 yield client
             finally:
                 nursery.cancel_scope.cancel()
+
+
+async def eventually(predicate: Callable[[], object], what: str = "condition") -> None:
+    """Wait until `predicate()` is true (polling server-side state; bounded by WAIT_S)."""
+    with trio.fail_after(WAIT_S):
+        while not predicate():  # noqa: ASYNC110 - server state has no event to wait on
+            await trio.sleep(0.005)
