@@ -18,6 +18,7 @@ Reads: an asyncpg pool (`read_pool` connections); reads never queue behind the w
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias, TypeVar
@@ -54,6 +55,8 @@ from securecollab.store.groupcommit import (
 )
 from securecollab.store.schema import pending
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 Conn: TypeAlias = "asyncpg.Connection"
 Op = Callable[[Conn], Awaitable[T]]
@@ -86,6 +89,22 @@ def _map_error(exc: BaseException) -> BaseException:
     if isinstance(exc, asyncpg.PostgresError):
         return StoreError(f"PostgreSQL: {exc}")
     return exc
+
+
+def _log_asyncio_error(loop: Any, context: dict[str, Any]) -> None:
+    """Log stray asyncio errors instead of letting trio-asyncio raise them into the loop.
+
+    trio-asyncio's default handler re-raises any unhandled asyncio error inside the loop's
+    nursery, which would tear down the whole store. asyncpg leaves such errors behind when
+    a caller is cancelled mid-connect ("Future exception was never retrieved"): harmless
+    noise, since the pool discards that connection and opens another.
+    """
+    exc = context.get("exception")
+    log.warning(
+        "asyncio error in the PostgreSQL store: %s%s",
+        context.get("message", "unhandled"),
+        f" ({exc!r})" if exc is not None else "",
+    )
 
 
 def _count(status: str) -> int:
@@ -134,9 +153,11 @@ class PostgresStore:
 
     async def _open(self) -> None:
         async def connect() -> None:
+            # min_size == max_size: every read connection exists from the start, so a
+            # read rarely has to connect (and a cancelled read rarely cancels a connect)
             self._pool = await asyncpg.create_pool(
                 self.url,
-                min_size=1,
+                min_size=self._read_pool_size,
                 max_size=self._read_pool_size,
                 timeout=CONNECT_TIMEOUT_S,
             )
@@ -238,22 +259,38 @@ class PostgresStore:
         return conn
 
     async def _run_batch_aio(self, batch: list[WriteOp[Any]]) -> None:
+        """One transaction, one SAVEPOINT per op, one COMMIT (asyncio side).
+
+        Savepoints are driven by hand rather than by nested `conn.transaction()` so that
+        "release this op's savepoint" and "open the next one" travel in ONE round trip
+        (a multi-statement simple query): per op that is the op's own statements plus one
+        round trip, which is what bounds a single connection's throughput.
+        """
         conn = await self._writer_connection()
         try:
-            async with conn.transaction():
-                for op in batch:
-                    try:
-                        async with conn.transaction():  # SAVEPOINT ... RELEASE / ROLLBACK TO
-                            op.result = await op.fn(conn)
-                    except Exception as exc:
-                        if conn.is_closed() or isinstance(exc, _CONNECTION_ERRORS):
-                            raise
-                        op.result = None
-                        op.error = _map_error(exc)
+            await conn.execute("BEGIN; SAVEPOINT op")
+            last = len(batch) - 1
+            for i, op in enumerate(batch):
+                try:
+                    op.result = await op.fn(conn)
+                except Exception as exc:
+                    if conn.is_closed() or isinstance(exc, _CONNECTION_ERRORS):
+                        raise
+                    op.result = None
+                    op.error = _map_error(exc)
+                    # the savepoint survives ROLLBACK TO, ready for the next op
+                    await conn.execute("ROLLBACK TO SAVEPOINT op")
+                else:
+                    if i < last:
+                        await conn.execute("RELEASE SAVEPOINT op; SAVEPOINT op")
+            await conn.execute("COMMIT")
         except BaseException:
             if not conn.is_closed() and conn.is_in_transaction():
-                # the transaction context could not roll back cleanly: start afresh
-                conn.terminate()
+                try:
+                    await conn.execute("ROLLBACK")
+                except BaseException:
+                    conn.terminate()  # cannot even roll back: start afresh next batch
+                    raise
             raise
 
     def _queued(self) -> int:
@@ -650,18 +687,19 @@ class PostgresStore:
     ) -> InsertResult:
         R.check_message(message)
         offline = list(dict.fromkeys(offline_for))
-        events = [_outbox_params(e) for e in outbox]
+        # outbox rows as parallel arrays (id, topic, key, payload, created_at, sent_at)
+        events = [list(column) for column in zip(*map(_outbox_params, outbox), strict=True)]
+        if not events:
+            events = [[], [], [], [], [], []]
         params = R.message_params(message)
 
         async def op(c: Conn) -> InsertResult:
-            # ON CONFLICT on the (sender, clientMessageId) index: a retry racing the original
-            # on another node waits for it and then finds it, instead of failing
             inserted = await c.fetchval(
-                f"INSERT INTO messages ({R.MESSAGE_COLUMNS})"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-                " ON CONFLICT (sender_id, client_message_id)"
-                " WHERE client_message_id IS NOT NULL DO NOTHING RETURNING id",
+                _INSERT_MESSAGE,
                 *params,
+                offline,
+                offline_expires_at,
+                *events,
             )
             if inserted is None:
                 row = await c.fetchrow(
@@ -670,28 +708,9 @@ class PostgresStore:
                     message.sender_id,
                     message.client_message_id,
                 )
-                assert row is not None  # the conflicting row exists and is committed
+                if row is None:  # pragma: no cover - the conflicting row is committed
+                    raise StoreError("clientMessageId conflict but no original message")
                 return InsertResult(R.message_from_row(row), created=False)
-            if message.recipient_id is not None and message.recipient_id != message.sender_id:
-                await c.execute(
-                    "INSERT INTO direct_peers (user_id, peer_id, since)"
-                    " VALUES ($1, $2, $3), ($2, $1, $3) ON CONFLICT (user_id, peer_id) DO NOTHING",
-                    message.sender_id,
-                    message.recipient_id,
-                    message.created_at,
-                )
-            if offline:
-                await c.execute(
-                    "INSERT INTO offline_queue (user_id, message_id, queued_at, expires_at)"
-                    " SELECT u, $2, $3, $4 FROM unnest($1::text[]) AS u"
-                    " ON CONFLICT (user_id, message_id) DO NOTHING",
-                    offline,
-                    message.id,
-                    message.created_at,
-                    offline_expires_at,
-                )
-            if events:
-                await c.executemany(_OUTBOX_INSERT, events)
             return InsertResult(message, created=True)
 
         return await self._write(op)
@@ -834,6 +853,36 @@ async def _insert_token(c: Conn, t: RefreshTokenRecord) -> None:
     )
 
 
+# insert_message in ONE statement (one round trip): the message, then (only if it was
+# inserted) the direct_peers pair, the offline-queue entries and the outbox rows.
+# ON CONFLICT on the (sender, clientMessageId) index: a retry racing the original on
+# another node waits for it, then finds it, instead of failing. $1-$9 message columns,
+# $10 offline user ids, $11 their expiry, $12-$17 outbox columns as arrays.
+_INSERT_MESSAGE = f"""
+WITH m AS (
+    INSERT INTO messages ({R.MESSAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    ON CONFLICT (sender_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
+    RETURNING id, sender_id, recipient_id, created_at
+), peers AS (
+    INSERT INTO direct_peers (user_id, peer_id, since)
+    SELECT v.a, v.b, m.created_at
+    FROM m CROSS JOIN LATERAL (VALUES (m.sender_id, m.recipient_id),
+                                      (m.recipient_id, m.sender_id)) AS v (a, b)
+    WHERE m.recipient_id IS NOT NULL AND m.recipient_id <> m.sender_id
+    ON CONFLICT (user_id, peer_id) DO NOTHING
+), queued AS (
+    INSERT INTO offline_queue (user_id, message_id, queued_at, expires_at)
+    SELECT u, m.id, m.created_at, $11 FROM m, unnest($10::text[]) AS u
+    ON CONFLICT (user_id, message_id) DO NOTHING
+), events AS (
+    INSERT INTO outbox ({R.OUTBOX_COLUMNS})
+    SELECT e.id, e.topic, e.key, e.payload, e.created_at, e.sent_at
+    FROM m, unnest($12::text[], $13::text[], $14::text[], $15::bytea[], $16::bigint[],
+                   $17::bigint[]) AS e (id, topic, key, payload, created_at, sent_at)
+)
+SELECT id FROM m
+"""
+
 _OUTBOX_INSERT = f"INSERT INTO outbox ({R.OUTBOX_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
 
 
@@ -868,6 +917,7 @@ async def open_postgres(
     `await store.migrate()` (the app does at startup).
     """
     async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_asyncio_error)
         store = PostgresStore(
             url, loop, batch_max=batch_max, batch_wait_ms=batch_wait_ms, read_pool=read_pool
         )
