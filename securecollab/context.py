@@ -13,10 +13,12 @@ from typing import Any
 import trio
 
 from securecollab.backplane import Backplane
+from securecollab.broker.core import Broker
 from securecollab.config import Settings
 from securecollab.metrics import Metrics
 from securecollab.services.audit import AuditService
 from securecollab.services.auth import AuthService
+from securecollab.services.presence import PresenceService
 from securecollab.store import Store
 
 
@@ -41,5 +43,8 @@ class AppContext:
     nursery: trio.Nursery
     shutdown: trio.Event = field(default_factory=trio.Event)
     ports: dict[str, int] = field(default_factory=dict)
+    # the embedded STOMP broker and presence (api/stomp_app.py builds both)
+    broker: Broker | None = None
+    presence: PresenceService | None = None
     # free-form slots for parts that do not warrant a typed field yet
     extras: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,57 @@
+"""Start the broker's doors for a server: the raw TCP listener and the `/ws` route.
+
+`serve_stomp(ctx)` runs in the transports nursery: it listens on `[stomp] host:port`
+(0 disables; TLS when `tls_cert`/`tls_key` are set), records the bound port in
+`ctx.ports["stomp"]`, and when `ctx.shutdown` is set sends every session ERROR
+"server shutting down" and closes it (WebSockets with 1001) before returning, so
+hypercorn never waits on open WebSockets.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from quart_trio import QuartTrio
+
+from securecollab.broker.core import Broker
+from securecollab.transport.tcp import serve_stomp_tcp, tls_context
+from securecollab.transport.websocket import stomp_websocket_view
+
+log = logging.getLogger(__name__)
+
+
+def _broker(ctx: Any) -> Broker:
+    broker: Broker | None = ctx.broker
+    if broker is None:
+        raise RuntimeError("the server context has no broker")
+    return broker
+
+
+def mount_websocket(app: QuartTrio, ctx: Any) -> None:
+    """App hook: STOMP over WebSocket at `/ws` on the HTTP port."""
+    app.websocket("/ws")(stomp_websocket_view(lambda: _broker(ctx)))
+
+
+async def serve_stomp(
+    ctx: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the STOMP TCP listener until `ctx.shutdown`; then close every session."""
+    broker = _broker(ctx)
+    s = ctx.settings.stomp
+    async with trio.open_nursery() as nursery:
+        if s.port != 0:
+            tls = tls_context(s.tls_cert, s.tls_key) if s.tls_cert else None
+            listeners = await nursery.start(serve_stomp_tcp, broker, s.host, s.port, tls)
+            ctx.ports["stomp"] = listeners[0].socket.getsockname()[1]
+            log.info(
+                "stomp listening",
+                extra={
+                    "fields": {"port": ctx.ports["stomp"], "host": s.host, "tls": tls is not None}
+                },
+            )
+        task_status.started()
+        await ctx.shutdown.wait()
+        await broker.shutdown(max(0.5, ctx.settings.server.shutdown_timeout_s * 0.3))
+        nursery.cancel_scope.cancel()
