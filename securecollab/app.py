@@ -17,12 +17,14 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from securecollab.api.rest import AppHook, create_app
+from securecollab.api.stomp_app import build_broker
 from securecollab.backplane import Backplane
 from securecollab.backplane.memory import MemoryBackplane
 from securecollab.config import Settings
@@ -31,6 +33,7 @@ from securecollab.metrics import Metrics
 from securecollab.services.audit import AuditService
 from securecollab.services.auth import AuthService, ensure_jwt_secret
 from securecollab.store import Store, open_store
+from securecollab.transport.serve import mount_websocket, serve_stomp
 
 log = logging.getLogger("securecollab.app")
 
@@ -65,7 +68,7 @@ def build_services(
     """Construct the services into an AppContext (later parts add theirs here)."""
     audit = AuditService(store, retention_days=settings.audit.retention_days)
     auth = AuthService(store, backplane, settings, audit, jwt_secret=jwt_secret)
-    return AppContext(
+    ctx = AppContext(
         settings=settings,
         store=store,
         backplane=backplane,
@@ -74,6 +77,8 @@ def build_services(
         metrics=Metrics(),
         nursery=nursery,
     )
+    ctx.broker, ctx.presence = build_broker(settings, backplane, auth)  # STOMP broker (issue 4)
+    return ctx
 
 
 def start_jobs(ctx: AppContext) -> None:
@@ -97,6 +102,36 @@ def hypercorn_config(settings: Settings) -> HyperConfig:
     return cfg
 
 
+class FinalSendShield:
+    """ASGI wrapper: shield the last body send of an HTTP response from cancellation.
+
+    quart-trio runs each request as two sibling tasks and cancels both once the
+    client's disconnect arrives; that can land while hypercorn, inside the final
+    `send`, re-arms the keep-alive idle watcher, which then never runs. The
+    connection then ignores shutdown and holds it for the whole graceful timeout.
+    The shield is bounded so a stuck client cannot hold the task forever.
+    """
+
+    def __init__(self, app: Any, *, timeout_s: float = 10.0) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def guarded_send(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                deadline = trio.current_time() + self.timeout_s
+                with trio.CancelScope(shield=True, deadline=deadline):
+                    await send(message)
+            else:
+                await send(message)
+
+        await self.app(scope, receive, guarded_send)
+
+
 async def serve_http(
     ctx: AppContext,
     hooks: Sequence[AppHook] = (),
@@ -104,13 +139,16 @@ async def serve_http(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the REST (and later /ws) app until ctx.shutdown; started() with the bound port."""
-    app = create_app(ctx, extra_hooks=hooks)
+    app = create_app(ctx, extra_hooks=[mount_websocket, *hooks])  # /ws: STOMP over WebSocket
+    ctx.extras["http_app"] = app
     cfg = hypercorn_config(ctx.settings)
 
     # hypercorn reports its real binds ("http://127.0.0.1:43121") through task_status,
     # which is how port 0 becomes a known port
     async def run(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await hypercorn_serve(app, cfg, shutdown_trigger=ctx.shutdown.wait, task_status=task_status)
+        await hypercorn_serve(
+            FinalSendShield(app), cfg, shutdown_trigger=ctx.shutdown.wait, task_status=task_status
+        )
 
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(run)
@@ -128,6 +166,7 @@ async def start_transports(
     The broker adds its raw STOMP/TCP listener here (`[stomp] port`, 0 disables).
     """
     await nursery.start(serve_http, ctx, hooks)
+    await nursery.start(serve_stomp, ctx)  # STOMP TCP listener; closes sessions on shutdown
 
 
 async def _bound_shutdown(ctx: AppContext, scope: trio.CancelScope) -> None:
@@ -148,7 +187,10 @@ async def run_server(
     Raises the store's SchemaTooNew / StoreUnavailable, or StartupError, when it cannot
     start. Returns after a clean shutdown (store closed).
     """
-    secret, generated = await trio.to_thread.run_sync(ensure_jwt_secret, settings)
+    try:
+        secret, generated = await trio.to_thread.run_sync(ensure_jwt_secret, settings)
+    except (OSError, RuntimeError) as e:
+        raise StartupError(f"JWT secret: {e}") from e
     secret_path = settings.server.data_path / "jwt_secret"
     if generated:
         log.warning(

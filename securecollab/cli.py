@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import importlib
+import secrets
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -113,9 +114,10 @@ async def _user_add_async(
 ) -> str:
     from securecollab.app import build_services, store_from_settings
     from securecollab.backplane.memory import MemoryBackplane
-    from securecollab.services.auth import ensure_jwt_secret
 
-    secret, _ = await trio.to_thread.run_sync(ensure_jwt_secret, settings)
+    # no token is issued here: a throwaway key keeps `serve` the one place that
+    # generates (and announces) the persistent secret
+    secret = secrets.token_bytes(64)
     async with store_from_settings(settings) as store:
         await store.migrate()
         async with trio.open_nursery() as nursery:

@@ -112,8 +112,8 @@ def _read_secret(path: Path) -> bytes:
         secret = bytes.fromhex(text)
     except ValueError:
         raise RuntimeError(f"{path}: not a hex secret; delete it to generate a new one") from None
-    if len(secret) < 32:
-        raise RuntimeError(f"{path}: secret shorter than 32 bytes; delete it to regenerate")
+    if len(secret) < 64:
+        raise RuntimeError(f"{path}: secret shorter than 64 bytes; delete it to regenerate")
     return secret
 
 
