@@ -13,8 +13,8 @@ Refresh tokens rotate and reusing a rotated one revokes the whole session, so a
 client serializes refreshes (one at a time, and none if another task just did one),
 and hands every new `Session` to `on_session` for the caller to persist.
 
-Routes (issues 2 and 5): /api/auth/{register,login,refresh,logout},
-/api/keys/..., /api/chat/..., /api/channels/..., plus `ME_PATH` and `PRESENCE_PATH`.
+Routes (issues 2 and 5): /api/auth/{register,login,refresh,logout}, /api/users/me,
+/api/keys/..., /api/chat/..., /api/channels/..., /api/presence.
 Message bodies are E2EE envelopes built by `securecollab.client.e2ee`; this module
 never sees plaintext.
 """
@@ -32,8 +32,10 @@ import httpx
 import trio
 
 USER_AGENT = "securecollab-sdk/0.1"
-ME_PATH = "/api/auth/me"  # who am I: {userId, displayName?, roles?}
-PRESENCE_PATH = "/api/presence/{userId}"  # {userId, status, lastSeen, devices}
+ME_PATH = "/api/users/me"  # who am I: {userId, displayName, roles, createdAt}
+PRESENCE_PATH = (
+    "/api/presence"  # ?userIds=a,b -> {users: [{userId, status, devices, lastSeen}], hidden}
+)
 REFRESH_MARGIN_S = 60.0
 
 
@@ -287,6 +289,17 @@ class Presence:
             _opt(d, "lastSeen", int),
             tuple(x for x in devices if isinstance(x, str)) if isinstance(devices, list) else (),
         )
+
+
+@dataclass(frozen=True)
+class PresenceList:
+    """Presence of the users you may see; `hidden` lists requested ids you may not."""
+
+    users: tuple[Presence, ...]
+    hidden: tuple[str, ...] = ()
+
+    def get(self, user_id: str) -> Presence | None:
+        return next((p for p in self.users if p.user_id == user_id), None)
 
 
 # ---------------------------------------------------------------- the client
@@ -545,11 +558,27 @@ class RestClient:
         if session is None:
             return
         try:
-            await self._authed("POST", "/api/auth/logout", json={"token": session.refresh_token})
+            await self._authed(
+                "POST", "/api/auth/logout", json={"refreshToken": session.refresh_token}
+            )
         except AuthError:
             pass  # already revoked or expired: the goal is reached
         finally:
             await self._set_session(None)
+
+    async def access_token(self) -> str:
+        """A valid access token (refreshed first when it expires within the margin).
+
+        For the STOMP CONNECT `passcode`, which has no 401-and-retry of its own.
+        """
+        session = self._session
+        if session is None:
+            raise AuthError(401, "not_logged_in", "log in first")
+        if self._clock() >= session.expires_at - REFRESH_MARGIN_S:
+            await self._refresh_if_still(session.token)
+            session = self._session
+            assert session is not None
+        return session.token
 
     async def me(self) -> User:
         """The logged-in user."""
@@ -678,7 +707,19 @@ class RestClient:
 
     # ------------------------------------------------------------ presence
 
-    async def presence(self, user_id: str) -> Presence:
-        """A user's presence (ONLINE / AWAY / OFFLINE, last seen, online devices)."""
-        path = PRESENCE_PATH.format(userId=_seg(user_id))
-        return Presence.from_json(_obj(await self._authed("GET", path)))
+    async def presence(self, user_ids: Sequence[str]) -> PresenceList:
+        """Presence (ONLINE / AWAY / OFFLINE, last seen, online devices) of up to 100 users.
+
+        Only yourself and your contacts (shared channel or conversation) are visible;
+        other ids come back in `hidden`, never as OFFLINE.
+        """
+        if not user_ids:
+            raise ValueError("presence needs at least one user id")
+        body = _obj(
+            await self._authed("GET", PRESENCE_PATH, params={"userIds": ",".join(user_ids)})
+        )
+        hidden = body.get("hidden")
+        return PresenceList(
+            tuple(Presence.from_json(p) for p in _items(body, "users")),
+            tuple(h for h in hidden if isinstance(h, str)) if isinstance(hidden, list) else (),
+        )

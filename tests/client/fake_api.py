@@ -164,12 +164,12 @@ class FakeApi:
         async def logout() -> Reply:
             user = self._user()
             body = await self._json()
-            entry = self.refresh_tokens.get(body.get("token", ""))
+            entry = self.refresh_tokens.get(body.get("refreshToken", ""))
             if entry is not None and entry["userId"] == user:
                 self.revoked_families.add(entry["family"])
             return {"success": True}, 200
 
-        @app.get("/api/auth/me")
+        @app.get("/api/users/me")
         async def me() -> Reply:
             user = self._user()
             return {
@@ -342,12 +342,18 @@ class FakeApi:
             self._channel_for(self._user(), channel_id)
             return self._page([m for m in self.messages if m["channelId"] == channel_id]), 200
 
-        @app.get("/api/presence/<user_id>")
-        async def presence(user_id: str) -> Reply:
+        @app.get("/api/presence")
+        async def presence() -> Reply:
             self._user()
-            if user_id not in self.users:
-                raise Fail(404, "not_found", "no such user")
-            return {"userId": user_id, "status": "OFFLINE", "lastSeen": None, "devices": []}, 200
+            ids = [u for u in request.args.get("userIds", "").split(",") if u]
+            if not ids:
+                raise Fail(422, "missing_user_ids", "userIds is required")
+            users = [
+                {"userId": u, "status": "OFFLINE", "lastSeen": None, "devices": []}
+                for u in ids
+                if u in self.users
+            ]
+            return {"users": users, "hidden": [u for u in ids if u not in self.users]}, 200
 
         @app.get("/boom")
         async def boom() -> Reply:

@@ -293,10 +293,10 @@ async def test_channels(api: FakeApi) -> None:
 async def test_presence(api: FakeApi) -> None:
     alice = await logged_in(api, ALICE)
     await logged_in(api, BOB)
-    p = await alice.presence(BOB)
-    assert (p.user_id, p.status) == (BOB, "OFFLINE")
-    with pytest.raises(NotFoundError):
-        await alice.presence("nobody@example.com")
+    found = await alice.presence([BOB, "nobody@example.com"])
+    p = found.get(BOB)
+    assert p is not None and (p.user_id, p.status) == (BOB, "OFFLINE")
+    assert found.hidden == ("nobody@example.com",)
     await alice.aclose()
 
 
