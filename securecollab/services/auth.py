@@ -228,6 +228,11 @@ class AuthService:
         """Create a user. `by_admin` (the CLI) works even when registration is disabled."""
         if not by_admin and not self._cfg.registration_enabled:
             raise Forbidden("registration is disabled on this server", code="registration_disabled")
+        if not by_admin and ip:
+            # each registration costs an argon2id hash: same per-IP budget as logins
+            await self._hit(
+                f"register:ip:{ip}", self._cfg.login_limit_per_ip_per_min, "registration"
+            )
         uid = self.check_user_id(user_id)
         self.check_password(password)
         name = self._clean_display_name(display_name, uid)
@@ -256,14 +261,18 @@ class AuthService:
         if ip:
             checks.insert(0, (f"login:ip:{ip}", self._cfg.login_limit_per_ip_per_min))
         for key, limit in checks:
-            decision = await self._backplane.hit(key, limit, 60_000, now)
-            if not decision.allowed:
-                retry = -(-decision.retry_after_ms // 1000)
-                raise RateLimited(
-                    f"too many login attempts; retry in {retry} s",
-                    retry_after_s=retry,
-                    code="login_throttled",
-                )
+            await self._hit(key, limit, "login", now)
+
+    async def _hit(self, key: str, limit: int, what: str, now: int | None = None) -> None:
+        """Count one attempt in a 1-minute sliding window; RateLimited when over `limit`."""
+        decision = await self._backplane.hit(key, limit, 60_000, now_ms() if now is None else now)
+        if not decision.allowed:
+            retry = -(-decision.retry_after_ms // 1000)
+            raise RateLimited(
+                f"too many {what} attempts; retry in {retry} s",
+                retry_after_s=retry,
+                code=f"{what}_throttled",
+            )
 
     async def _check_password_login(
         self, username: str, password: str, ip: str | None

@@ -325,3 +325,23 @@ async def test_login_throttled_per_ip(tmp_path: Path) -> None:
             )
             assert r.status_code == 429 and r.json()["error"] == "login_throttled"
             assert int(r.headers["Retry-After"]) >= 1
+
+
+async def test_registration_throttled_per_ip(tmp_path: Path) -> None:
+    async with running_server(tmp_path, auth__login_limit_per_ip_per_min=2) as srv:
+        async with httpx.AsyncClient(base_url=srv.base_url) as c:
+            for i in range(2):
+                r = await c.post(
+                    "/api/auth/register", json={"userId": f"r{i}@example.com", "password": PASSWORD}
+                )
+                assert r.status_code == 201
+            r = await c.post(
+                "/api/auth/register", json={"userId": "r9@example.com", "password": PASSWORD}
+            )
+            assert r.status_code == 429 and r.json()["error"] == "registration_throttled"
+            assert int(r.headers["Retry-After"]) >= 1
+            # logins have their own budget
+            r = await c.post(
+                "/api/auth/login", json={"username": "r0@example.com", "password": PASSWORD}
+            )
+            assert r.status_code == 200

@@ -24,8 +24,12 @@ async def test_auth_happy_path_on_postgres(tmp_path: Path, pg_url: str) -> None:
             r1 = login["refreshToken"]
             pair = (await c.post("/api/auth/refresh", json={"token": r1})).json()
             assert (await c.post("/api/auth/refresh", json={"token": r1})).status_code == 401
-            assert (await c.post("/api/auth/refresh", json={"token": pair["refreshToken"]})).status_code == 401
-            r = await c.post("/api/auth/login", json={"username": "PG@example.com", "password": PASSWORD})
+            assert (
+                await c.post("/api/auth/refresh", json={"token": pair["refreshToken"]})
+            ).status_code == 401
+            r = await c.post(
+                "/api/auth/login", json={"username": "PG@example.com", "password": PASSWORD}
+            )
             assert r.status_code == 200
             assert (await c.get("/readyz")).status_code == 200
             actions = {a.action for a in await srv.ctx.audit.list(actor="pg@example.com")}
