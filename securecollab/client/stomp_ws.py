@@ -236,7 +236,8 @@ class StompClient:
         self._ids = count(1)
         self._subs: dict[str, StompSubscription] = {}
         self._seen: OrderedDict[str, bool] = OrderedDict()
-        self._latest_ack: dict[str, tuple[int, str]] = {}  # message id -> (generation, ack id)
+        # message id -> (generation, ack id, subscription id) of its newest unacked copy
+        self._latest_ack: dict[str, tuple[int, str, str]] = {}
         self._live: _Live | None = None
         self._connected = trio.Event()
         self._changed = trio.Event()  # set (and replaced) on every connect/disconnect
@@ -514,7 +515,7 @@ class StompClient:
                 await self._send_ack(live, sub, ack_id, message_id)
             return
         if sub.ack != "auto" and ack_id:
-            self._latest_ack[message_id] = (live.generation, ack_id)
+            self._latest_ack[message_id] = (live.generation, ack_id, sub.id)
         if state is _PENDING:
             return  # the app already holds a copy; its ack() will use the newest ack id
         self._remember(message_id, _HANDLED if sub.ack == "auto" else _PENDING)
@@ -680,40 +681,56 @@ class StompClient:
 
     async def ack(self, msg: StompMessage) -> None:
         """Acknowledge `msg` once the app has handled it (client / client-individual)."""
-        await self._settle(msg, nack=False)
+        await self.settle(msg.message_id)
 
     async def nack(self, msg: StompMessage) -> None:
         """Reject `msg`: the server may redeliver it (queues) or drop it (topics)."""
-        await self._settle(msg, nack=True)
+        await self.settle(msg.message_id, nack=True)
 
-    async def _settle(self, msg: StompMessage, *, nack: bool) -> None:
-        sub = self._subs.get(msg.subscription)
-        latest = self._latest_ack.pop(msg.message_id, None)
+    async def wait_state_change(self) -> None:
+        """Return at the next connect or disconnect (see `connected`, `reconnects`)."""
+        await self._changed.wait()
+
+    def seen(self, message_id: str) -> bool:
+        """Whether a message with this id already reached the app (or is being handled)."""
+        return message_id in self._seen
+
+    def claim(self, message_id: str) -> bool:
+        """Mark a message the app got some other way (e.g. from history) as being handled;
+        False when it already had it. Call `settle(message_id)` once handled."""
+        if message_id in self._seen:
+            return False
+        self._remember(message_id, _PENDING)
+        return True
+
+    async def settle(self, message_id: str, *, nack: bool = False) -> None:
+        """ACK (or NACK) the newest copy of `message_id`, wherever it came from.
+
+        A copy that arrives later (after a reconnect) is ACKed on arrival.
+        """
+        latest = self._latest_ack.pop(message_id, None)
         if nack:
-            self._seen.pop(msg.message_id, None)  # a redelivery is welcome
+            self._seen.pop(message_id, None)  # a redelivery is welcome
         else:
-            self._remember(msg.message_id, _HANDLED)
+            self._remember(message_id, _HANDLED)
         live = self._live
-        if sub is None or sub.ack == "auto" or latest is None or live is None:
+        if latest is None or live is None:
             return
-        generation, ack_id = latest
-        if generation != live.generation:
+        generation, ack_id, sub_id = latest
+        sub = self._subs.get(sub_id)
+        if sub is None or generation != live.generation:
             return  # that connection is gone; the redelivered copy gets ACKed on arrival
         if nack:
-            headers = (
-                (("id", ack_id),)
-                if live.version == "1.2"
-                else (
-                    ("message-id", msg.message_id),
-                    ("subscription", sub.id),
-                )
-            )
+            if live.version == "1.2":
+                headers: tuple[tuple[str, str], ...] = (("id", ack_id),)
+            else:
+                headers = (("message-id", message_id), ("subscription", sub.id))
             try:
                 await self._write(live, stomp.Frame("NACK", headers))
             except _Lost:
                 pass
         else:
-            await self._send_ack(live, sub, ack_id, msg.message_id)
+            await self._send_ack(live, sub, ack_id, message_id)
 
     async def disconnect(self, grace_s: float = 5.0) -> None:
         """Graceful DISCONNECT (waits for its receipt, at most `grace_s`); no reconnect after."""
