@@ -25,7 +25,7 @@ import securecollab
 from securecollab.config import ConfigError, Settings, load_settings
 
 #: Modules that contribute subcommands (each has add_commands(subparsers)).
-COMMAND_MODULES: list[str] = ["securecollab.cli"]
+COMMAND_MODULES: list[str] = ["securecollab.cli", "securecollab.cli_client"]
 
 
 def config_parent() -> argparse.ArgumentParser:
