@@ -280,3 +280,12 @@ def test_memory_stays_bounded_under_trickle_and_flood() -> None:
     with pytest.raises(ProtocolError):
         parser.feed(b"SEND\ndestination:/a\n\n" + b"z" * 1_000_000)
     assert parser.buffered == 0
+
+
+def test_parsed_content_length_with_leading_zero_re_encodes() -> None:
+    # found by the fuzzer: "05" parses as 5, so relaying the frame must not raise
+    (frame,) = feed_all(b"SEND\ndestination:/a\ncontent-length:05\n\nhello\x00")
+    assert isinstance(frame, Frame)
+    assert frame.body == b"hello"
+    (again,) = Parser().feed(stomp.encode(frame))
+    assert again == frame
