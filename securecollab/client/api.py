@@ -239,6 +239,8 @@ class Client:
         self._channels: set[str] = set()
         self._sent_cmids: OrderedDict[str, None] = OrderedDict()
         self._followed: set[str] = set()  # channel topics subscribed by messages()
+        self._following: set[str] = set()  # ... or being subscribed right now
+        self._follow_changed = trio.Event()
         self._nursery: trio.Nursery | None = None  # background pumps (realtime clients)
         self._inbox: trio.MemoryReceiveChannel[tuple[Mapping[str, Any], str | None]] | None = None
 
@@ -335,6 +337,15 @@ class Client:
         except BaseExceptionGroup as group:
             raise single_exception(group) from None
 
+    def following(self, channel_id: str) -> bool:
+        """Whether `messages()` is subscribed to this channel's topic."""
+        return channel_id in self._followed
+
+    async def wait_following(self, channel_id: str) -> None:
+        """Wait until `messages()` follows the channel (e.g. after an invite arrived)."""
+        while channel_id not in self._followed:
+            await self._follow_changed.wait()
+
     # ------------------------------------------------------------ key directory
 
     async def _user_devices(self, user_id: str) -> list[RecipientDevice]:
@@ -384,7 +395,9 @@ class Client:
         self._sent_cmids[cmid] = None
         while len(self._sent_cmids) > 10_000:
             self._sent_cmids.popitem(last=False)
-        if self.stomp is not None and self.stomp.connected:
+        if self.stomp is not None:
+            # Even while reconnecting: send() waits for the connection and retries with
+            # the same clientMessageId, where REST would fail while the server is away.
             body = json.dumps(envelope, separators=(",", ":"))
             await self.stomp.send(SEND_DESTINATION, body)
             return SentMessage(cmid, via="stomp")
@@ -393,6 +406,9 @@ class Client:
 
     async def send_text(self, to: str, text: str) -> SentMessage:
         """Encrypt `text` for `to`'s devices and ours; returns once the server stored it.
+
+        Over STOMP when the client is realtime (waiting out a reconnect, up to the
+        STOMP `send_timeout`), else over REST.
 
         Raises UnknownUser, NoDeviceKey (recipient never registered a device), StompError /
         ApiError (refused), ServerUnavailable / ConnectionLost.
@@ -465,17 +481,24 @@ class Client:
         Each is ACKed when the caller asks for the next one (i.e. after it handled the
         previous one); one the caller never finished comes again next session.
         """
-        stomp = self.stomp
-        if stomp is None or self._nursery is None:
-            raise RuntimeError("messages() needs a realtime client (realtime=True)")
-        if self._inbox is None:
-            self._inbox = await self._listen(stomp, self._nursery, channels)
-        async for raw, message_id in self._inbox:
+        await self.start_listening(channels=channels)
+        stomp, inbox = self.stomp, self._inbox
+        assert stomp is not None and inbox is not None
+        async for raw, message_id in inbox:
             item = _item_from(raw, self.device)
             self._note_conversation(item)
             yield item
             if message_id is not None:
                 await stomp.settle(message_id)
+
+    async def start_listening(self, *, channels: bool = True) -> None:
+        """Subscribe now (private queue, channel topics, channel events); `messages()`
+        does it on first use. Returns once the server confirmed the subscriptions, so
+        nothing sent after this is missed."""
+        if self.stomp is None or self._nursery is None:
+            raise RuntimeError("receiving messages needs a realtime client (realtime=True)")
+        if self._inbox is None:
+            self._inbox = await self._listen(self.stomp, self._nursery, channels)
 
     async def _listen(
         self, stomp: StompClient, nursery: trio.Nursery, channels: bool
@@ -525,13 +548,21 @@ class Client:
         out: trio.MemorySendChannel[tuple[Mapping[str, Any], str | None]],
     ) -> None:
         assert self.stomp is not None
-        if channel_id in self._followed:
+        if channel_id in self._following:
             await out.aclose()
             return
-        self._followed.add(channel_id)
+        self._following.add(channel_id)
+        try:
+            sub = await self.stomp.subscribe(channel_topic(channel_id))
+        except BaseException:
+            self._following.discard(channel_id)
+            await out.aclose()
+            raise
         self._channels.add(channel_id)
-        sub = await self.stomp.subscribe(channel_topic(channel_id))
+        self._followed.add(channel_id)
         nursery.start_soon(self._pump, sub, out)
+        self._follow_changed.set()
+        self._follow_changed = trio.Event()
 
     async def _channel_events(
         self,
