@@ -25,6 +25,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from securecollab.api.rest import AppHook, create_app
 from securecollab.api.stomp_app import build_broker
+from securecollab.api.stomp_chat import StompChat
 from securecollab.backplane import Backplane
 from securecollab.backplane.memory import MemoryBackplane
 from securecollab.config import Settings
@@ -32,6 +33,10 @@ from securecollab.context import AppContext
 from securecollab.metrics import Metrics
 from securecollab.services.audit import AuditService
 from securecollab.services.auth import AuthService, ensure_jwt_secret
+from securecollab.services.channels import ChannelService
+from securecollab.services.keys import KeyService
+from securecollab.services.messages import MessageService
+from securecollab.services.offline import OfflineService
 from securecollab.store import Store, open_store
 from securecollab.transport.serve import mount_websocket, serve_stomp
 
@@ -78,12 +83,28 @@ def build_services(
         nursery=nursery,
     )
     ctx.broker, ctx.presence = build_broker(settings, backplane, auth)  # STOMP broker (issue 4)
+    # messaging (issue 5): services, then their STOMP door and broker hooks
+    m = settings.messages
+    ctx.messages = MessageService(
+        store,
+        backplane,
+        max_content_bytes=m.max_content_bytes,
+        offline_ttl_ms=m.offline_ttl_days * 86_400_000,
+    )
+    ctx.channels = ChannelService(store, backplane, audit)
+    ctx.keys = KeyService(store, audit)
+    ctx.offline = OfflineService(store)
+    StompChat(ctx.broker, store, ctx.messages, ctx.channels, ctx.offline)
     return ctx
 
 
 def start_jobs(ctx: AppContext) -> None:
     """Periodic jobs in the process nursery (cancelled after the transports stop)."""
     ctx.nursery.start_soon(ctx.audit.prune_forever, ctx.settings.audit.prune_interval_s)
+    if ctx.offline is not None:  # messaging (issue 5): expire offline-queue entries
+        ctx.nursery.start_soon(
+            ctx.offline.run_prune_job, ctx.settings.messages.offline_prune_interval_s
+        )
 
 
 def hypercorn_config(settings: Settings) -> HyperConfig:

@@ -18,6 +18,10 @@ from securecollab.config import Settings
 from securecollab.metrics import Metrics
 from securecollab.services.audit import AuditService
 from securecollab.services.auth import AuthService
+from securecollab.services.channels import ChannelService
+from securecollab.services.keys import KeyService
+from securecollab.services.messages import MessageService
+from securecollab.services.offline import OfflineService
 from securecollab.services.presence import PresenceService
 from securecollab.store import Store
 
@@ -46,5 +50,10 @@ class AppContext:
     # the embedded STOMP broker and presence (api/stomp_app.py builds both)
     broker: Broker | None = None
     presence: PresenceService | None = None
+    # messaging (issue 5): built in app.build_services, wired to the broker by api/stomp_chat.py
+    messages: MessageService | None = None
+    channels: ChannelService | None = None
+    keys: KeyService | None = None
+    offline: OfflineService | None = None
     # free-form slots for parts that do not warrant a typed field yet
     extras: dict[str, Any] = field(default_factory=dict)

@@ -121,9 +121,12 @@ class ChannelService:
             raise NotFoundError(f"channel {channel_id} not found")
         return ChannelView(channel, members)
 
-    async def list_mine(self, user_id: str) -> list[ChannelRecord]:
-        """The channels user_id is a member of."""
-        return await self.store.list_user_channels(user_id)
+    async def list_mine(self, user_id: str) -> list[ChannelView]:
+        """The channels user_id is a member of, each with its members."""
+        return [
+            ChannelView(c, await self.store.list_channel_members(c.id))
+            for c in await self.store.list_user_channels(user_id)
+        ]
 
     async def _member_or_404(self, user_id: str, channel_id: str) -> MemberRecord:
         member = await self.store.get_member(channel_id, user_id)

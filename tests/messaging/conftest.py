@@ -7,12 +7,15 @@ published delivery so tests can see what a connected client would have received.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from securecollab.backplane import Delivery
@@ -24,6 +27,7 @@ from securecollab.services.keys import KeyService
 from securecollab.services.messages import MessageService
 from securecollab.services.offline import OfflineService
 from securecollab.store import Store, UserRecord, open_store
+from tests.support.server import PASSWORD, ServerHandle, bearer, free_port, running_server
 
 USERS = ("alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com")
 
@@ -84,3 +88,55 @@ async def chat(store_url: str) -> AsyncIterator[Chat]:
 
         backplane.subscribe(record)
         yield c
+
+
+# ---------------------------------------------------------------- a real server
+
+
+@dataclass
+class Live:
+    """A running server with four registered, logged-in users."""
+
+    srv: ServerHandle
+    http: httpx.AsyncClient
+    tokens: dict[str, str]  # userId -> access token
+
+    def h(self, user: str, **extra: str) -> dict[str, str]:
+        return {**bearer(self.tokens[user]), **extra}
+
+    @property
+    def stomp_port(self) -> int:
+        return self.srv.ports["stomp"]
+
+    async def send(self, user: str, body: dict[str, Any]) -> httpx.Response:
+        return await self.http.post("/api/chat/send-message", json=body, headers=self.h(user))
+
+
+@pytest.fixture
+async def live(store_url: str, tmp_path: Path) -> AsyncIterator[Live]:
+    """A real server (REST + STOMP/TCP) on the parametrized store, users A-D logged in."""
+    async with (
+        running_server(tmp_path, stomp__port=free_port(), store__url=store_url) as srv,
+        httpx.AsyncClient(base_url=srv.base_url) as http,
+    ):
+        tokens: dict[str, str] = {}
+        for u in USERS:
+            r = await http.post("/api/auth/register", json={"userId": u, "password": PASSWORD})
+            assert r.status_code == 201, r.text
+            r = await http.post(
+                "/api/auth/login", json={"username": u, "password": PASSWORD, "deviceId": "laptop"}
+            )
+            assert r.status_code == 200, r.text
+            tokens[u] = r.json()["token"]
+        yield Live(srv, http, tokens)
+
+
+def envelope(**over: object) -> dict[str, object]:
+    """A well-formed envelope with random bytes as ciphertext (shapes only)."""
+    e: dict[str, object] = {
+        "encryptedContent": base64.b64encode(os.urandom(48)).decode(),
+        "iv": base64.b64encode(os.urandom(12)).decode(),
+        "keys": {"bob@example.com/phone": base64.b64encode(os.urandom(93)).decode()},
+    }
+    e.update(over)
+    return e

@@ -193,7 +193,7 @@ async def test_channel_lifecycle_membership_and_notices(chat: Chat) -> None:
     assert await chat.channels.invite(A, cid, [B, D]) == 1  # bob is already in
     got = await chat.channels.get(B, cid)
     assert sorted(got.to_json()["members"]) == sorted([A, B, C, D])
-    assert [c.id for c in await chat.channels.list_mine(C)] == [cid]
+    assert [v.channel.id for v in await chat.channels.list_mine(C)] == [cid]
     invited = chat.bodies("user", "/user/queue/channels", C)
     assert invited and invited[0]["type"] == "INVITED" and C in invited[0]["userIds"]
 

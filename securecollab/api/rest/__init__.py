@@ -17,7 +17,7 @@ from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 
 import securecollab
-from securecollab.api.rest import auth, docs, health, presence, users
+from securecollab.api.rest import auth, channels, chat, docs, health, keys, presence, users
 from securecollab.api.rest.errors import register_error_handlers
 from securecollab.api.rest.middleware import CTX_KEY, JsonRequest, install_middleware
 from securecollab.context import AppContext
@@ -25,7 +25,7 @@ from securecollab.context import AppContext
 AppHook = Callable[[QuartTrio, AppContext], None]
 
 #: Blueprints every server registers, in order.
-BLUEPRINTS = [health.bp, auth.bp, users.bp, presence.bp, docs.bp]
+BLUEPRINTS = [health.bp, auth.bp, users.bp, presence.bp, chat.bp, channels.bp, keys.bp, docs.bp]
 
 #: Functions called with (app, ctx) after the blueprints: other doors (e.g. the
 #: broker's `/ws` route) add themselves here at import time.
