@@ -29,6 +29,7 @@ class StompClient:
         self._receipts = itertools.count(1)
         self._subs = itertools.count(1)
         self.closed = False
+        self._send_lock = trio.Lock()  # several tasks may send on one connection
 
     async def _reader(self) -> None:
         try:
@@ -39,15 +40,25 @@ class StompClient:
                 for event in self.parser.feed(data):
                     if isinstance(event, stomp.Frame):
                         self.frames.append(event)
-                        self._arrived.set()
+                self._wake()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             self.closed = True
-            self._arrived.set()
+            self._wake()
+
+    def _wake(self) -> None:
+        # Wake every waiter (several tasks may wait on one connection), then re-arm.
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    async def _wait(self) -> None:
+        await self._arrived.wait()
 
     async def write(self, command: str, headers: dict[str, str], body: bytes = b"") -> None:
-        await self.stream.send_all(stomp.encode(stomp.Frame.make(command, headers, body), "1.2"))
+        data = stomp.encode(stomp.Frame.make(command, headers, body), "1.2")
+        async with self._send_lock:
+            await self.stream.send_all(data)
 
     async def expect(self, *commands: str, where: dict[str, str] | None = None) -> stomp.Frame:
         """Remove and return the first queued frame with one of `commands` (and headers)."""
@@ -60,8 +71,7 @@ class StompClient:
                         return self.frames.pop(i)
                 if self.closed:
                     raise ConnectionError(f"closed before {commands}: {self.frames}")
-                self._arrived = trio.Event()
-                await self._arrived.wait()
+                await self._wait()
 
     async def send_json(self, destination: str, obj: Any, *, receipt: bool = True) -> stomp.Frame:
         """SEND a JSON body; return the RECEIPT (or the ERROR that came instead)."""
@@ -84,8 +94,7 @@ class StompClient:
                         return self.frames.pop(i)
                 if self.closed:
                     raise ConnectionError("closed before a receipt")
-                self._arrived = trio.Event()
-                await self._arrived.wait()
+                await self._wait()
 
     async def subscribe(self, destination: str, ack: str = "auto") -> str:
         """SUBSCRIBE with a receipt; return the subscription id (ERROR -> AssertionError)."""
