@@ -7,6 +7,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa, x25519
 
+from tests.support.server import PASSWORD
+
 from .conftest import Live, envelope
 
 A, B, C, D = "alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com"
@@ -241,3 +243,27 @@ async def test_channels_membership_and_authorization(live: Live) -> None:
     audit = [(a.action, a.target) for a in await live.srv.ctx.audit.list(action_prefix="channel.")]
     for action in ("channel.create", "channel.invite", "channel.remove", "channel.leave"):
         assert (action, cid) in audit
+
+
+async def test_device_header_when_the_token_names_no_device_and_openapi(live: Live) -> None:
+    # A login without deviceId: the X-Device-Id header says which device is fetching.
+    r = await live.http.post("/api/auth/login", json={"username": C, "password": PASSWORD})
+    token = r.json()["token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    r = await live.http.post(
+        "/api/keys/register", json={"deviceId": "desk", "publicKey": x25519_pem()}, headers=auth
+    )
+    assert r.status_code == 201
+    await live.http.get("/api/chat/offline-messages", headers={**auth, "X-Device-Id": "desk"})
+    r = await live.http.get(f"/api/keys/{C}/desk", headers=auth)
+    assert isinstance(r.json()["lastUsedAt"], int)
+
+    doc = (await live.http.get("/openapi.json")).json()
+    for path in (
+        "/api/chat/send-message",
+        "/api/chat/messages",
+        "/api/chat/offline-messages/ack",
+        "/api/channels/{channel_id}/invite",
+        "/api/keys/{user_id}/{device_id}",
+    ):
+        assert path in doc["paths"], path

@@ -309,3 +309,18 @@ def test_key_register_refuses_bad_keys(key: str | None, why: str) -> None:
         canonical_public_key(value)
     with pytest.raises(InvalidInput, match="deviceId"):
         check_device_id("a/b")
+
+
+async def test_prune_job_runs_until_cancelled(chat: Chat) -> None:
+    import trio
+
+    chat.messages.offline_ttl_ms = -1
+    await chat.messages.send(A, env(to=B))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(chat.offline.run_prune_job, 0.01)
+        for _ in range(500):  # bounded: the job prunes at start, then every 10 ms
+            if not await chat.store.list_offline(B, now=0):
+                break
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert await chat.store.list_offline(B, now=0) == []
