@@ -240,6 +240,7 @@ class Client:
         self._sent_cmids: OrderedDict[str, None] = OrderedDict()
         self._followed: set[str] = set()  # channel topics subscribed by messages()
         self._following: set[str] = set()  # ... or being subscribed right now
+        self._channel_subs: dict[str, StompSubscription] = {}
         self._follow_changed = trio.Event()
         self._nursery: trio.Nursery | None = None  # background pumps (realtime clients)
         self._inbox: trio.MemoryReceiveChannel[tuple[Mapping[str, Any], str | None]] | None = None
@@ -560,6 +561,7 @@ class Client:
             raise
         self._channels.add(channel_id)
         self._followed.add(channel_id)
+        self._channel_subs[channel_id] = sub
         nursery.start_soon(self._pump, sub, out)
         self._follow_changed.set()
         self._follow_changed = trio.Event()
@@ -570,21 +572,33 @@ class Client:
         nursery: trio.Nursery,
         out: trio.MemorySendChannel[tuple[Mapping[str, Any], str | None]],
     ) -> None:
-        """Invites arrive on /user/queue/channels: follow the new channel's topic."""
+        """Membership events on /user/queue/channels ({type: INVITED|LEFT|REMOVED,
+        channelId, userIds|userId, by}): follow a channel we were invited to, forget one
+        we left or were removed from."""
         async with out:
             async for msg in sub:
                 event = _json_object(msg) or {}
-                channel_id = event.get("channelId") or (event.get("channel") or {}).get("id")
+                channel_id = event.get("channelId")
                 if not isinstance(channel_id, str):
                     continue
                 self._members.drop(channel_id)
-                kind = str(event.get("type") or event.get("event") or "").lower()
-                if "remov" in kind or "left" in kind or "leave" in kind:
-                    continue  # the server ends that subscription itself
+                kind = str(event.get("type") or "").upper()
+                if kind in ("REMOVED", "LEFT"):
+                    if event.get("userId") == self.user_id:
+                        self._unfollow(channel_id)  # the server ended the subscription
+                    continue
                 try:
                     await self._follow_channel(channel_id, nursery, out.clone())
                 except ClientError as exc:
                     log.warning("cannot follow channel %s: %s", channel_id, exc)
+
+    def _unfollow(self, channel_id: str) -> None:
+        sub = self._channel_subs.pop(channel_id, None)
+        self._followed.discard(channel_id)
+        self._following.discard(channel_id)
+        self._channels.discard(channel_id)
+        if sub is not None and self.stomp is not None:
+            self.stomp.forget(sub)
 
     async def _catch_up_on_reconnect(
         self,

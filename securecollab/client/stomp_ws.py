@@ -422,7 +422,14 @@ class StompClient:
                     nursery.start_soon(self._beater, live, nursery.cancel_scope)
                 try:
                     for sub in list(self._subs.values()):
-                        await self._write(live, self._subscribe_frame(sub))
+                        # With a receipt, so a refusal (e.g. removed from the channel
+                        # meanwhile) names the subscription and drops it instead of
+                        # failing every reconnect from now on.
+                        receipt = f"r-{next(self._ids)}"
+                        live.waiters[receipt] = _Waiter("SUBSCRIBE", sub.id)
+                        await self._write(
+                            live, self._subscribe_frame(sub).with_header("receipt", receipt)
+                        )
                 except _Lost as exc:
                     reason.append(exc)
                     nursery.cancel_scope.cancel()
@@ -628,6 +635,12 @@ class StompClient:
                 # A new connection re-subscribes everything in _subs by itself; we only
                 # wait to learn that it worked.
                 continue
+
+    def forget(self, sub: StompSubscription) -> None:
+        """Drop a subscription the SERVER already ended (e.g. removed from a channel):
+        no UNSUBSCRIBE is sent (the server would answer ERROR for an unknown id)."""
+        if self._subs.get(sub.id) is sub:
+            self._drop_sub(sub.id, None)
 
     async def unsubscribe(self, sub: StompSubscription) -> None:
         """End a subscription; unacked messages of it stay queued on the server."""
