@@ -196,3 +196,18 @@ async def test_stomp_message_body_is_the_rest_history_row(live: Live) -> None:
         frame, body = await bob.message(PRIVATE)
     r = await live.http.get("/api/chat/messages", params={"with": A}, headers=live.h(B))
     assert r.json() == [body] == [json.loads(frame.body)]
+
+
+async def test_largest_allowed_ciphertext_fits_both_doors(live: Live) -> None:
+    import base64
+    import os
+
+    biggest = base64.b64encode(os.urandom(65536)).decode()
+    too_big = base64.b64encode(os.urandom(65537)).decode()
+    async with stomp_connect(live.stomp_port, live.tokens[A]) as alice:
+        ok = await alice.send_json(SEND, envelope(to=B, encryptedContent=biggest))
+        assert ok.command == "RECEIPT"
+        refused = await alice.send_json(SEND, envelope(to=B, encryptedContent=too_big))
+        assert refused.command == "ERROR" and "larger than 65536" in refused.get("message", "")
+    assert (await live.send(A, envelope(to=B, encryptedContent=biggest))).status_code == 201
+    assert (await live.send(A, envelope(to=B, encryptedContent=too_big))).status_code == 422
