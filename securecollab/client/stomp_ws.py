@@ -297,51 +297,57 @@ class StompClient:
                     raise
                 self._fail_all(exc)
                 return
-            except ServerUnavailable as exc:  # the token refresh could not reach the server
+            except (ServerUnavailable, OSError, HandshakeError, ConnectionClosed, _Lost) as exc:
+                # (ServerUnavailable: the token refresh could not reach the server)
                 if first:
-                    raise
-                reason = str(exc)
-                delay = self.backoff.delay(attempt, self._rng)
+                    if isinstance(exc, ServerUnavailable):
+                        raise
+                    raise ServerUnavailable(
+                        f"cannot connect to {self.url}: {_describe(exc)}"
+                    ) from None
+                if not await self._pause(_describe(exc), attempt, down_since):
+                    return
                 attempt += 1
-                self._notify("reconnecting", f"{reason}; retry in {delay:.1f} s")
-                await trio.sleep(delay)
+                continue
+            except trio.TooSlowError:
+                if first:
+                    raise ServerUnavailable(f"cannot connect to {self.url}: timed out") from None
+                if not await self._pause("connect timed out", attempt, down_since):
+                    return
+                attempt += 1
                 continue
             except ClientError as exc:  # e.g. the session was revoked: nothing to retry
                 if first:
                     raise
                 self._fail_all(exc)
                 return
-            except (OSError, HandshakeError, ConnectionClosed, _Lost, trio.TooSlowError) as exc:
-                reason = _describe(exc)
-                if first:
-                    raise ServerUnavailable(f"cannot connect to {self.url}: {reason}") from None
-                give_up = self.backoff.give_up_after_s
-                if give_up is not None and trio.current_time() - down_since >= give_up:
-                    self._fail_all(
-                        ConnectionLost(
-                            f"could not reconnect to {self.url} within {give_up:g} s: {reason}"
-                        )
-                    )
-                    return
-                delay = self.backoff.delay(attempt, self._rng)
-                attempt += 1
-                self._notify("reconnecting", f"{reason}; retry in {delay:.1f} s")
-                await trio.sleep(delay)
-                continue
             attempt = 0
             if not first:
                 self.reconnects += 1
-            reason = await self._serve(live, task_status if first else None)
+            ended = await self._serve(live, task_status if first else None)
             first = False
             down_since = trio.current_time()
             if self._closing:
                 return
-            if isinstance(reason, StompAuthError):
-                self._fail_all(reason)
+            if isinstance(ended, StompAuthError):
+                self._fail_all(ended)
                 return
             delay = self.backoff.delay(0, self._rng)
-            self._notify("disconnected", f"{_describe(reason)}; reconnecting in {delay:.1f} s")
+            self._notify("disconnected", f"{_describe(ended)}; reconnecting in {delay:.1f} s")
             await trio.sleep(delay)
+
+    async def _pause(self, reason: str, attempt: int, down_since: float) -> bool:
+        """Sleep before reconnect attempt `attempt + 1`; False (session failed) on give-up."""
+        give_up = self.backoff.give_up_after_s
+        if give_up is not None and trio.current_time() - down_since >= give_up:
+            self._fail_all(
+                ConnectionLost(f"could not reconnect to {self.url} within {give_up:g} s: {reason}")
+            )
+            return False
+        delay = self.backoff.delay(attempt, self._rng)
+        self._notify("reconnecting", f"{reason}; retry in {delay:.1f} s")
+        await trio.sleep(delay)
+        return True
 
     def _fail_all(self, exc: BaseException) -> None:
         """The session is over for good: wake every waiter and end every subscription."""

@@ -192,3 +192,17 @@ def test_backoff_is_bounded_and_jittered() -> None:
     assert all(0 < d <= 8.0 for d in delays)
     assert delays[0] <= 0.5 and max(delays) > 4.0
     assert len({round(d, 6) for d in delays[10:]}) > 1  # capped, yet not all equal
+
+
+async def test_gives_up_after_the_bounded_reconnect_time() -> None:
+    async with trio.open_nursery() as nursery:
+        server = Restartable(nursery)
+        await server.start()
+        backoff = Backoff(initial_s=0.05, max_s=0.1, give_up_after_s=0.5)
+        async with open_stomp(server.url, token("token-alice"), backoff=backoff) as a:
+            sub = await a.subscribe("/topic/t")
+            await server.stop()  # and nobody comes back
+            with trio.fail_after(10), pytest.raises(ConnectionLost, match=r"within 0\.5 s"):
+                await sub.receive()
+            with pytest.raises(ConnectionLost):
+                await a.send("/topic/t", b"late")
