@@ -267,3 +267,22 @@ async def test_device_header_when_the_token_names_no_device_and_openapi(live: Li
         "/api/keys/{user_id}/{device_id}",
     ):
         assert path in doc["paths"], path
+
+
+async def test_pruned_offline_entries_are_counted_in_metrics(live: Live) -> None:
+    offline = live.srv.ctx.offline
+    messages = live.srv.ctx.messages
+    assert offline is not None and messages is not None
+    messages.offline_ttl_ms = -1  # queued already expired
+    await live.send(A, envelope(to=B))
+    messages.offline_ttl_ms = 7 * 86_400_000
+
+    def pruned_total(text: str) -> float:
+        [line] = [
+            ln for ln in text.splitlines() if ln.startswith("securecollab_offline_pruned_total")
+        ]
+        return float(line.split()[-1])
+
+    before = pruned_total((await live.http.get("/metrics")).text)
+    assert await offline.prune_expired() == 1
+    assert pruned_total((await live.http.get("/metrics")).text) == before + 1
