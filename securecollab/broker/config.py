@@ -38,18 +38,3 @@ class BrokerConfig:
     queue_max_messages: int = 10_000  # backlog bound of one general /queue/<name>
     close_grace_s: float = 2.0  # time to flush the final ERROR/RECEIPT before aborting
     presence_refresh_s: float = 60.0  # min interval between presence TTL refreshes
-
-
-def acl_from_settings(rules: list[dict[str, object]] | tuple[object, ...]) -> tuple[AclRule, ...]:
-    """Build ACL rules from config data (`[[broker.acl]]` tables or objects with attributes)."""
-    out: list[AclRule] = []
-    for rule in rules:
-        if isinstance(rule, dict):
-            pattern, sub, snd = rule.get("pattern"), rule.get("subscribe", ()), rule.get("send", ())
-        else:
-            pattern = getattr(rule, "pattern", None)
-            sub, snd = getattr(rule, "subscribe", ()), getattr(rule, "send", ())
-        if not isinstance(pattern, str) or not pattern:
-            raise ValueError(f"[broker] acl rule without a pattern: {rule!r}")
-        out.append(AclRule(pattern, tuple(str(x) for x in sub), tuple(str(x) for x in snd)))  # type: ignore[union-attr]
-    return tuple(out)

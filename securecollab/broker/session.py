@@ -507,7 +507,14 @@ class Session:
 
     # ------------------------------------------------------------------ outbound
     def _outbound(self, frame: stomp.Frame, delivered: tuple[str, str] | None = None) -> Outbound:
-        data = stomp.encode(frame, self.version)
+        try:
+            data = stomp.encode(frame, self.version)
+        except ValueError:
+            # STOMP 1.0 cannot carry CR/LF in header values (no escaping): flatten them
+            clean = tuple(
+                (k, v.replace("\r", " ").replace("\n", " ")) for k, v in frame.headers if k
+            )
+            data = stomp.encode(stomp.Frame(frame.command, clean, frame.body), self.version)
         if self.config.ws_always_binary:
             text = False
         else:

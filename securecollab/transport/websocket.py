@@ -11,7 +11,7 @@ browser clients (stompjs) expect that framing.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import trio
 from quart import websocket
@@ -73,7 +73,7 @@ def stomp_websocket_view(get_broker: Callable[[], Broker]) -> Callable[[], Any]:
     """The view function for `app.websocket("/ws")`: accept, then run a broker session."""
 
     async def stomp_ws() -> None:
-        ws = websocket._get_current_object()
+        ws = cast(Any, websocket)._get_current_object()  # the real object, not the proxy
         await ws.accept(subprotocol=choose_subprotocol(ws.requested_subprotocols))
         peer = ws.headers.get("Remote-Addr", "unknown")
         conn = WebSocketConnection(ws, peer, bearer_token(ws.headers.get("Authorization")))

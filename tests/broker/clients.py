@@ -138,7 +138,7 @@ class Client:
 
 
 class TcpClient(Client):
-    def __init__(self, stream: trio.SocketStream, version: str = "1.2") -> None:
+    def __init__(self, stream: trio.abc.Stream, version: str = "1.2") -> None:
         super().__init__(version)
         self.stream = stream
 

@@ -130,3 +130,18 @@ async def test_device_id_header_and_token_device(server: BrokerServer) -> None:
         await b.connect(passcode="token-alice@phone")
         devices = sorted(i.device_id for i in server.broker.user_sessions("alice"))
         assert devices == ["laptop", "phone"]
+
+
+async def test_stomp_10_client_gets_headers_it_can_parse(server: BrokerServer) -> None:
+    async with (
+        tcp_client(server.tcp_port, version="1.0") as old,
+        tcp_client(server.tcp_port) as new,
+    ):
+        await old.frame("CONNECT", {"login": "alice", "passcode": "alice-password"})
+        await old.next("CONNECTED")
+        await old.subscribe("/topic/t10")
+        await new.connect(passcode="token-bob")
+        # a 1.2 sender may put an (escaped) newline in a header value; 1.0 has no escaping
+        await new.receipt("SEND", {"destination": "/topic/t10", "x-note": "two\nlines"}, "x")
+        m = await old.next("MESSAGE")
+        assert m.get("x-note") == "two lines" and m.body == b"x"
