@@ -50,7 +50,7 @@ class ServerHandle:
         return self.ctx.settings
 
 
-def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
+def server_settings(tmp_path: Path, **overrides: Any) -> Settings:
     """Settings for a test server under `tmp_path` (overrides: section__key=value)."""
     sections: dict[str, dict[str, Any]] = {
         "server": {"data_dir": str(tmp_path / "data"), "shutdown_timeout_s": 5},
@@ -72,7 +72,7 @@ async def running_server(
     tmp_path: Path, *, app_hooks: Sequence[AppHook] = (), **overrides: Any
 ) -> AsyncIterator[ServerHandle]:
     """Run a server for the duration of the block; shut it down gracefully on exit."""
-    settings = test_settings(tmp_path, **overrides)
+    settings = server_settings(tmp_path, **overrides)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         ctx: AppContext = await nursery.start(
