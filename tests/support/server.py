@@ -8,9 +8,11 @@
                 ...
 
 Overrides are `section__key=value` keyword arguments (typed values, validated like the
-config file). By default: data dir and SQLite file under `tmp_path`, HTTP and STOMP on
-port 0 (the real ports are in `srv.ports`), and cheap argon2 parameters so tests stay
-fast (the hash is still argon2id). `app_hooks` add routes to the app (e.g. one that raises).
+config file). By default: data dir and SQLite file under `tmp_path`, HTTP on port 0
+(the real port is `srv.port`), STOMP/TCP off (`[stomp] port = 0`; pass
+`stomp__port=free_port()` to get it, then read `srv.ports["stomp"]`), and cheap argon2
+parameters so tests stay fast (the hash is still argon2id). `app_hooks` add routes to
+the app (e.g. one that raises). Use `store__url=pg_url` for PostgreSQL.
 """
 
 from __future__ import annotations
