@@ -11,6 +11,11 @@ call. Its order of work is the durability contract:
 3. only then publish deliveries through the backplane, and only then does the caller
    answer 2xx / RECEIPT. A 2xx or a RECEIPT therefore means "durable".
 
+Deliveries: a 1:1 message goes to the recipient's sessions and to the sender's OTHER
+sessions on `/user/queue/private`; a channel message to `/topic/messages/{id}`. The
+sending STOMP session never gets a copy of its own message (its RECEIPT says it was
+stored); a REST send has no session, so every session of the sender gets the copy.
+
 Idempotency: a send with a `clientMessageId` the same sender already used returns the
 original message (`created=False`) and publishes nothing again.
 
