@@ -312,6 +312,18 @@ class Store(Protocol):
         """Delete the user's entries for these messages; return how many were removed."""
         ...
 
+    async def enqueue_offline(
+        self, user_id: str, message_ids: Sequence[str], expires_at: int
+    ) -> int:
+        """Queue existing messages for user_id (hand-back of undelivered live messages).
+
+        Idempotent on (user_id, message_id): an entry already queued keeps its expiry.
+        Unknown ids and messages user_id sent itself are skipped (a user's own messages
+        are never queued for it, as in `insert_message`). Entries are ordered like the
+        others, by the message's created_at. Returns how many entries were added.
+        """
+        ...
+
     async def prune_offline(self, now: int) -> int:
         """Delete expired entries; return how many."""
         ...

@@ -797,6 +797,28 @@ class PostgresStore:
 
         return await self._write(op)
 
+    async def enqueue_offline(
+        self, user_id: str, message_ids: Sequence[str], expires_at: int
+    ) -> int:
+        if not message_ids:
+            return 0
+        ids = list(dict.fromkeys(message_ids))
+
+        async def op(c: Conn) -> int:
+            return _count(
+                await c.execute(
+                    "INSERT INTO offline_queue (user_id, message_id, queued_at, expires_at)"
+                    " SELECT $1, m.id, m.created_at, $2 FROM messages m"
+                    " WHERE m.id = ANY($3::text[]) AND m.sender_id <> $1"
+                    " ON CONFLICT (user_id, message_id) DO NOTHING",
+                    user_id,
+                    expires_at,
+                    ids,
+                )
+            )
+
+        return await self._write(op)
+
     # ------------------------------------------------------------------ outbox
 
     async def add_outbox(self, events: Sequence[OutboxRecord]) -> None:

@@ -761,6 +761,24 @@ class SQLiteStore:
             lambda c: c.execute("DELETE FROM offline_queue WHERE expires_at <= ?", (now,)).rowcount
         )
 
+    async def enqueue_offline(
+        self, user_id: str, message_ids: Sequence[str], expires_at: int
+    ) -> int:
+        if not message_ids:
+            return 0
+        ids = R.dumps(list(dict.fromkeys(message_ids)))
+        return await self._write(
+            lambda c: (
+                c.execute(
+                    "INSERT INTO offline_queue (user_id, message_id, queued_at, expires_at)"
+                    " SELECT ?, m.id, m.created_at, ? FROM messages m"
+                    " WHERE m.id IN (SELECT value FROM json_each(?)) AND m.sender_id <> ?"
+                    " ON CONFLICT (user_id, message_id) DO NOTHING",
+                    (user_id, expires_at, ids, user_id),
+                ).rowcount
+            )
+        )
+
     # ------------------------------------------------------------------ outbox
 
     async def add_outbox(self, events: Sequence[OutboxRecord]) -> None:

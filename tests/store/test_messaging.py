@@ -277,6 +277,32 @@ async def test_offline_queue_order_ack_prune(store: Store) -> None:
     assert await store.get_message(short.id) == short
 
 
+async def test_enqueue_offline_hands_back_idempotently(store: Store) -> None:
+    first = message(ALICE, to=BOB, at=T0 + 10)
+    second = message(CAROL, to=BOB, at=T0)
+    own = message(BOB, to=ALICE, at=T0 + 5)
+    await store.insert_message(first)  # Bob was reachable: nothing queued at commit
+    await store.insert_message(second, offline_for=[BOB], offline_expires_at=T0 + DAY)
+    await store.insert_message(own)
+
+    # the broker hands back first (dropped on a closing session), second (already
+    # queued), Bob's own message and an unknown id: only first is added
+    added = await store.enqueue_offline(
+        BOB, [first.id, second.id, own.id, "no-such-id", first.id], T0 + 7 * DAY
+    )
+    assert added == 1
+    queued = await store.list_offline(BOB, now=T0 + 2 * DAY)
+    # ordered by the message's time like entries written at commit; second kept its expiry
+    assert [e.message for e in queued] == [first]
+    assert [e.message for e in await store.list_offline(BOB, now=T0)] == [second, first]
+    # handing back again adds nothing; after an ack it is queued again
+    assert await store.enqueue_offline(BOB, [first.id], T0 + 7 * DAY) == 0
+    assert await store.ack_offline(BOB, [first.id]) == 1
+    assert await store.enqueue_offline(BOB, [first.id], T0 + 7 * DAY) == 1
+    assert await store.enqueue_offline(BOB, [], T0 + 7 * DAY) == 0
+    assert await store.list_offline(ALICE, now=T0) == []
+
+
 # ---------------------------------------------------------------------------- outbox
 
 
