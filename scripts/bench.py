@@ -38,6 +38,7 @@ import platform
 import resource
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +48,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADGEN = Path(__file__).resolve().parent / "bench_lib" / "loadgen.py"
@@ -421,7 +422,10 @@ def start_rabbit(n_users: int) -> Target:
 class Workers:
     """Several loadgen.py processes: start, wait ready, go, collect results."""
 
+    live: ClassVar[list[Workers]] = []  # killed on the way out if a phase failed
+
     def __init__(self, specs: list[dict[str, Any]], tmp: Path) -> None:
+        Workers.live.append(self)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.outs: list[Path] = []
         for i, spec in enumerate(specs):
@@ -826,6 +830,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the server subprocess and workers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     wl = {int(x) for x in args.workloads.split(",") if x}
     nofile = raise_nofile()
     servers = ["ours", "rabbitmq"] if args.only == "both" else [args.only]
@@ -951,6 +957,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     failed |= bool(row["lost"])
             finally:
+                for w in Workers.live:
+                    w.kill()
+                Workers.live.clear()
                 if server is not None:
                     code = server.stop()
                     print(f"[ours] server exit code after SIGTERM: {code}")

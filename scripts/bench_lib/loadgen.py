@@ -119,7 +119,13 @@ class Stomp:
 
     @classmethod
     async def open(
-        cls, url: str, login: str, passcode: str, vhost: str, heartbeat: str = "0,0"
+        cls,
+        url: str,
+        login: str,
+        passcode: str,
+        vhost: str,
+        heartbeat: str = "0,0",
+        wait_s: float = 30,
     ) -> Stomp:
         ws = await websockets.connect(
             url,
@@ -127,7 +133,7 @@ class Stomp:
             compression=None,
             max_size=None,
             ping_interval=None,
-            open_timeout=30,
+            open_timeout=wait_s,
             close_timeout=2,
         )
         conn = cls(ws)
@@ -137,7 +143,7 @@ class Stomp:
         headers["passcode"] = passcode
         await ws.send(frame("CONNECT", headers).decode())
         while True:
-            for cmd, h, body in parse(await asyncio.wait_for(ws.recv(decode=False), 30)):
+            for cmd, h, body in parse(await asyncio.wait_for(ws.recv(decode=False), wait_s)):
                 if cmd == "CONNECTED":
                     return conn
                 if cmd == "ERROR":
@@ -450,7 +456,7 @@ async def idle(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) ->
             t = time.time()
             try:
                 c = await Stomp.open(
-                    spec["url"], u["login"], u["passcode"], spec["vhost"], f"{hb},{hb}"
+                    spec["url"], u["login"], u["passcode"], spec["vhost"], f"{hb},{hb}", 10
                 )
             except Exception as exc:  # refused, reset, timed out: count it, keep going
                 key = f"{type(exc).__name__}: {str(exc)[:80]}"
@@ -459,7 +465,10 @@ async def idle(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) ->
             connect_ms.append((time.time() - t) * 1000)
             conns.append(c)
 
-    await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), spec["connect_timeout"])
+    try:
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), spec["connect_timeout"])
+    except TimeoutError:
+        failures["connect phase timed out"] = n - len(conns) - sum(failures.values())
     connected_at = time.time()
     emit({"event": "connected", "n": len(conns), "at": connected_at})
     hold_end_box[0] = connected_at + spec["hold"]
