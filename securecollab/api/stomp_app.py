@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import stomp
+from securecollab.api import client_json
 from securecollab.backplane import Delivery
 from securecollab.broker import metrics
 from securecollab.broker.config import AclRule, BrokerConfig
@@ -137,9 +138,11 @@ def json_body(frame: stomp.Frame, max_bytes: int = MAX_JSON_BODY) -> dict[str, A
     if len(frame.body) > max_bytes:
         raise AppError(f"body too large for {dest}", f"at most {max_bytes} bytes")
     try:
-        data = json.loads(frame.body)
-    except (UnicodeDecodeError, ValueError):
-        raise AppError(f"invalid JSON body for {dest}", "the body must be a JSON object") from None
+        data = client_json.loads(frame.body)
+    except client_json.BadJson as exc:
+        raise AppError(
+            f"invalid JSON body for {dest}: {exc}", "the body must be a JSON object"
+        ) from None
     if not isinstance(data, dict):
         raise AppError(f"invalid JSON body for {dest}", "the body must be a JSON object")
     return data

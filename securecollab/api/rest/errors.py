@@ -48,6 +48,12 @@ class InvalidJson(BadRequest):
     error_code = "invalid_json"
 
 
+class InvalidParameter(BadRequest):
+    """A query or path parameter no route can accept (control characters, given twice)."""
+
+    error_code = "invalid_parameter"
+
+
 class NotJson(UnsupportedMediaType):
     """The route takes JSON but the request's Content-Type is something else."""
 

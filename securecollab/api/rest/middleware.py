@@ -19,7 +19,8 @@ from quart import Quart, Response, current_app, g, request
 from quart_schema import security_scheme
 from quart_trio.wrappers import TrioRequest
 
-from securecollab.api.rest.errors import InvalidJson, NotJson, error_response
+from securecollab.api import client_json
+from securecollab.api.rest.errors import InvalidJson, InvalidParameter, NotJson, error_response
 from securecollab.context import AppContext
 from securecollab.ids import now_ms
 from securecollab.log import request_id_var
@@ -35,6 +36,8 @@ CTX_KEY = "securecollab.ctx"
 # probes and scrapes must not eat a client's rate-limit budget (or be refused by it)
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# C0/C1 controls, DEL, U+FFFD (what an undecodable percent-escape becomes), surrogates
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\ufffd\ud800-\udfff]")
 
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 HSTS = "max-age=31536000; includeSubDomains"
@@ -69,15 +72,56 @@ def client_ip() -> str:
 
 
 class JsonRequest(TrioRequest):
-    """Request whose JSON errors are ours: 415 for non-JSON, 400 `invalid_json` for bad JSON."""
+    """Request whose JSON errors are ours: 415 for non-JSON, 400 `invalid_json` for bad JSON.
+
+    Bodies are decoded by `api.client_json` (UTF-8 only, bounded nesting, no duplicate
+    keys, no NUL or lone surrogates), the same decoder the STOMP door uses.
+    """
 
     async def get_json(self, force: bool = False, silent: bool = False, cache: bool = True) -> Any:
-        if not (force or self.is_json) and not silent:
+        if not (force or self.is_json):
+            if silent:
+                return None
             raise NotJson()
-        return await super().get_json(force=force, silent=silent, cache=cache)
+        if cache and self._cached_json[silent] is not Ellipsis:
+            return self._cached_json[silent]
+        data = await self.get_data(cache=cache, as_text=False)
+        try:
+            result = client_json.loads(data)
+        except client_json.BadJson as error:
+            if not silent:
+                raise InvalidJson(f"malformed JSON body: {error}") from None
+            result = None
+        if cache:
+            self._cached_json[silent] = result
+        return result
 
-    def on_json_loading_failed(self, error: Exception) -> Any:
-        raise InvalidJson(f"malformed JSON body: {error}")
+
+def _bad_text(value: str) -> bool:
+    return _CONTROL_RE.search(value) is not None
+
+
+def _check_parameters() -> None:
+    """Refuse query and path parameters no route can use (400 `invalid_parameter`).
+
+    Control characters (NUL above all: PostgreSQL text cannot hold it) and
+    undecodable percent-escapes never belong in an id, a cursor or a number; a query
+    parameter given twice is ambiguous (a proxy may read the other copy), so it is refused
+    rather than silently taking the first.
+    """
+    for key in request.args:
+        values = request.args.getlist(key)
+        if len(values) > 1:
+            raise InvalidParameter(f"query parameter {key[:64]!r} is given more than once")
+        if _bad_text(key) or _bad_text(values[0]):
+            raise InvalidParameter(
+                f"query parameter {key[:64]!r} contains control characters or invalid UTF-8"
+            )
+    for name, value in (request.view_args or {}).items():
+        if isinstance(value, str) and _bad_text(value):
+            raise InvalidParameter(
+                f"path parameter {name} contains control characters or invalid UTF-8"
+            )
 
 
 def _retry_after(ms: int) -> int:
@@ -125,6 +169,8 @@ def install_middleware(app: Quart, ctx: AppContext) -> None:
             raise RateLimited(
                 f"too many requests from this address; retry in {retry} s", retry_after_s=retry
             )
+
+        _check_parameters()
 
         view = current_app.view_functions.get(request.endpoint or "")
         needs_auth = (

@@ -1,0 +1,102 @@
+"""Strict JSON decoding of client input, shared by both doors (REST bodies, STOMP /app bodies).
+
+Python's `json.loads` accepts more than a server should take from a stranger, and some
+of what it accepts breaks later layers with an exception instead of a 4xx/ERROR:
+
+- bytes in UTF-16/32 (auto-detected) or invalid UTF-8: RFC 8259 says UTF-8; refused.
+- nesting deeper than the interpreter's recursion limit raises RecursionError (a 500);
+  anything deeper than `MAX_DEPTH` is refused, no field of the API nests that deep.
+- `NaN`, `Infinity`: not JSON; refused, and so are numbers that overflow a float.
+- duplicate object keys: which one wins differs between parsers (and proxies); refused.
+- U+0000 and lone surrogates (`"\\ud800"`): valid JSON escapes, but PostgreSQL text
+  cannot hold NUL and UTF-8 cannot encode a lone surrogate, so they fail deep in the
+  store; no field of the API may carry them; refused here.
+
+Every refusal is a `BadJson` (a ValueError) whose message says what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MAX_DEPTH = 32  # arrays/objects inside each other; the API's deepest shape is 2
+
+
+class BadJson(ValueError):
+    """Client input that is not acceptable JSON; str(exc) is the reason, for the client."""
+
+
+def _no_constants(name: str) -> Any:
+    raise BadJson(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise BadJson(f"number {text[:32]} is out of range")
+    return value
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise BadJson(f"duplicate key {key[:64]!r}")
+        result[key] = value
+    return result
+
+
+def _check_text(s: str) -> None:
+    if "\x00" in s:
+        raise BadJson("strings must not contain U+0000")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadJson("strings must not contain lone surrogates (\\ud800-\\udfff)") from None
+
+
+def _check_tree(value: Any) -> None:
+    """Depth and string checks, iteratively (a hostile body must not exhaust the stack)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            _check_text(node)
+        elif isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise BadJson(f"nested deeper than {MAX_DEPTH} levels")
+            if isinstance(node, dict):
+                for key, item in node.items():
+                    _check_text(key)
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in node)
+
+
+def loads(data: bytes | str) -> Any:
+    """Decode one JSON document from a client; BadJson (with a reason) when unacceptable."""
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadJson(f"the body is not valid UTF-8 (byte {exc.start})") from None
+    else:
+        text = data
+    if text.startswith("\ufeff"):
+        text = text[1:]  # RFC 8259 lets a parser ignore a byte order mark
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_unique_pairs,
+            parse_constant=_no_constants,
+            parse_float=_finite_float,
+        )
+    except BadJson:
+        raise
+    except RecursionError:
+        raise BadJson(f"nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:
+        raise BadJson(str(exc)) from None
+    _check_tree(value)
+    return value
