@@ -20,6 +20,7 @@ import securecollab
 from securecollab.api.rest import auth, channels, chat, docs, health, keys, presence, users
 from securecollab.api.rest.errors import register_error_handlers
 from securecollab.api.rest.middleware import CTX_KEY, JsonRequest, install_middleware
+from securecollab.api.rest.openapi import ApiOpenAPIProvider
 from securecollab.context import AppContext
 
 AppHook = Callable[[QuartTrio, AppContext], None]
@@ -52,6 +53,7 @@ def create_app(ctx: AppContext, *, extra_hooks: Sequence[AppHook] = ()) -> Quart
         conversion_preference="pydantic",
         security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
         security=[{"bearer": []}],
+        openapi_provider_class=ApiOpenAPIProvider,
     )
     register_error_handlers(app)
     install_middleware(app, ctx)

@@ -17,7 +17,13 @@ from securecollab.api.rest.middleware import app_ctx, client_ip, current_princip
 from securecollab.api.rest.schemas import ErrorBody
 from securecollab.services.channels import ChannelService
 from securecollab.services.errors import InvalidInput, Unavailable
-from securecollab.services.messages import MessageService, message_json, parse_page
+from securecollab.services.messages import (
+    MAX_PAGE_LIMIT,
+    MAX_PAGE_OFFSET,
+    MessageService,
+    message_json,
+    parse_page,
+)
 
 bp = Blueprint("channels", __name__, url_prefix="/api/channels")
 
@@ -56,10 +62,10 @@ class SuccessOut(BaseModel):
 
 
 class PageQuery(BaseModel):
-    limit: int | None = Field(default=50, description="1..200")
-    offset: int | None = Field(default=0)
-    fromDate: int | None = Field(default=None, description="ms epoch, inclusive")
-    toDate: int | None = Field(default=None, description="ms epoch, inclusive")
+    limit: int | None = Field(default=50, ge=1, le=MAX_PAGE_LIMIT, description="1..200")
+    offset: int | None = Field(default=0, ge=0, le=MAX_PAGE_OFFSET, description="rows to skip")
+    fromDate: int | None = Field(default=None, ge=0, le=2**53, description="ms epoch, inclusive")
+    toDate: int | None = Field(default=None, ge=0, le=2**53, description="ms epoch, inclusive")
     before: str | None = Field(default=None, description="cursor: only messages older than id")
 
 

@@ -21,7 +21,12 @@ from securecollab.api.rest.middleware import app_ctx, current_principal
 from securecollab.api.rest.schemas import ErrorBody
 from securecollab.context import AppContext
 from securecollab.services.errors import InvalidInput, Unavailable
-from securecollab.services.messages import message_json, parse_page
+from securecollab.services.messages import (
+    MAX_PAGE_LIMIT,
+    MAX_PAGE_OFFSET,
+    message_json,
+    parse_page,
+)
 from securecollab.services.offline import MAX_LIST
 
 bp = Blueprint("chat", __name__, url_prefix="/api/chat")
@@ -70,10 +75,10 @@ class OfflineOut(MessageOut):
 
 class HistoryQuery(BaseModel):
     with_: str = Field(alias="with", description="the other user of the conversation")
-    limit: int | None = Field(default=50, description="1..200")
-    offset: int | None = Field(default=0, description="rows to skip")
-    fromDate: int | None = Field(default=None, description="ms epoch, inclusive")
-    toDate: int | None = Field(default=None, description="ms epoch, inclusive")
+    limit: int | None = Field(default=50, ge=1, le=MAX_PAGE_LIMIT, description="1..200")
+    offset: int | None = Field(default=0, ge=0, le=MAX_PAGE_OFFSET, description="rows to skip")
+    fromDate: int | None = Field(default=None, ge=0, le=2**53, description="ms epoch, inclusive")
+    toDate: int | None = Field(default=None, ge=0, le=2**53, description="ms epoch, inclusive")
     before: str | None = Field(default=None, description="cursor: only messages older than id")
 
 
