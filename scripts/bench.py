@@ -203,13 +203,14 @@ class Target:
 class OurServer:
     """`securecollab serve` in a subprocess with a temporary data dir and free port."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra_env: dict[str, str]) -> None:
         self.tmp = tmp
         self.port = free_port()
         env = {
             k: v for k, v in os.environ.items() if not (k.startswith("SECURECOLLAB_") and "__" in k)
         }
         env.update(OUR_ENV)
+        env.update(extra_env)
         env["SECURECOLLAB_SERVER__DATA_DIR"] = str(tmp / "data")
         env["SECURECOLLAB_STORE__URL"] = f"sqlite:///{tmp / 'data' / 'bench.db'}"
         self.log_path = tmp / "server.log"
@@ -288,8 +289,10 @@ async def _register(base: str, n: int, run: str, fanout: int) -> tuple[list[dict
     return users, channel
 
 
-def start_ours(tmp: Path, n_users: int, run: str, fanout: int) -> tuple[Target, OurServer]:
-    server = OurServer(tmp)
+def start_ours(
+    tmp: Path, n_users: int, run: str, fanout: int, extra_env: dict[str, str]
+) -> tuple[Target, OurServer]:
+    server = OurServer(tmp, extra_env)
     server.wait_healthy()
     t = time.time()
     users, channel = asyncio.run(_register(server.base, n_users, run, fanout))
@@ -806,7 +809,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10, help="seconds per workload-1 phase")
     p.add_argument(
         "--ramp",
-        default="1000,2000,3000,4000,5000,7500,10000",
+        default="250,500,1000,2000,3000,5000,7500,10000",
         help="offered rates for the max-sustainable search (stops at the first failure)",
     )
     p.add_argument("--fanout-subs", type=int, default=1000)
@@ -816,6 +819,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--idle-users", type=int, default=1000, help="accounts they log in as")
     p.add_argument("--hold", type=float, default=60, help="workload 3 hold time, s")
     p.add_argument("--rest-concurrency", type=int, default=8)
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra env for our server, e.g. SECURECOLLAB_STORE__BATCH_WAIT_MS=2 (repeatable)",
+    )
     p.add_argument("--json", type=Path, default=ROOT / "scripts/results/bench_results.json")
     p.add_argument("--plot", type=Path, default=ROOT / "scripts/results/bench_latency.png")
     a = p.parse_args(argv)
@@ -841,7 +851,11 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs; python {platform.python_version()}"
         f"; open files {nofile}; {args.workers} load processes"
     )
-    print("our server overrides: " + " ".join(f"{k}={v}" for k, v in OUR_ENV.items()))
+    print(
+        "our server overrides: "
+        + " ".join(f"{k}={v}" for k, v in OUR_ENV.items())
+        + "".join(f" {kv}" for kv in args.server_env)
+    )
     results: dict[str, Any] = {
         "run": run,
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -863,7 +877,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in servers:
             server: OurServer | None = None
             if name == "ours":
-                target, server = start_ours(tmp, n_users, run, args.fanout_subs if 2 in wl else 0)
+                extra = dict(kv.split("=", 1) for kv in args.server_env)
+                target, server = start_ours(
+                    tmp, n_users, run, args.fanout_subs if 2 in wl else 0, extra
+                )
             else:
                 target = start_rabbit(n_users)
                 results["notes"]["rabbitmq"] = target.notes
@@ -878,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
                     results["fixed"][name] = row
                     print_direct(row, "fixed")
                     ramp = []
-                    for rate in [float(x) for x in args.ramp.split(",")]:
+                    for rate in [float(x) for x in args.ramp.split(",") if x]:
                         row = run_direct(target, args, rate, args.duration, tmp, run)
                         ramp.append(row)
                         print_direct(row, "ramp")
