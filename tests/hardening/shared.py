@@ -47,8 +47,10 @@ def _serve(tmp: Path, overrides: dict[str, Any], ready: Any, stop: threading.Eve
     trio.run(main)
 
 
-def shared_server_gen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServer]:
-    """Run the shared server for as long as the generator is open."""
+def shared_server_gen(
+    tmp_path_factory: pytest.TempPathFactory, extra: dict[str, Any] | None = None
+) -> Iterator[SharedServer]:
+    """Run the shared server for as long as the generator is open (`extra`: more overrides)."""
     overrides: dict[str, Any] = {
         "stomp__port": free_port(),
         "http__rate_limit_user_per_min": 1_000_000,
@@ -56,6 +58,7 @@ def shared_server_gen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shar
         "stomp__send_limit": 1_000_000,
         "auth__login_limit_per_ip_per_min": 1_000_000,
         "auth__login_limit_per_user_per_min": 1_000_000,
+        **(extra or {}),
     }
     box: list[SharedServer] = []
     started = threading.Event()
