@@ -40,3 +40,12 @@ def uuid7() -> str:
 def new_id() -> str:
     """A random UUIDv4 text, for ids that need no ordering."""
     return str(uuid.uuid4())
+
+
+def user_key(user_id: str) -> str:
+    """The case-insensitive identity of a userId: compare ids through this, never raw.
+
+    Same rule as the store's unique index (`store/rows.py: user_key`). Principals and
+    sessions carry the stored spelling; ids a client typed may be spelled otherwise.
+    """
+    return user_id.lower()

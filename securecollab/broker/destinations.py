@@ -17,6 +17,7 @@ from fnmatch import fnmatchcase
 
 from securecollab.broker.config import AclRule
 from securecollab.broker.errors import BrokerError, Forbidden
+from securecollab.ids import user_key
 
 
 class Kind(Enum):
@@ -63,7 +64,7 @@ def parse(destination: str, user_id: str) -> Destination:
                     f"invalid user destination {destination}",
                     "user destinations look like /user/queue/<name>",
                 )
-            if owner != user_id:
+            if user_key(owner) != user_key(user_id):  # the owner's own spelling may differ
                 raise Forbidden(
                     f"destination {destination} belongs to another user",
                     "subscribe to /user/queue/<name>; it resolves to your own queue",

@@ -217,7 +217,9 @@ class ChannelService:
         actor = await self._member_or_404(actor_id, channel_id)
         if actor.role != "owner":
             raise Forbidden("only the channel owner may remove members")
-        target = await self.store.get_member(channel_id, user_id)
+        # members are stored under the stored spelling; the path may spell it otherwise
+        user = await self.store.get_user(user_id)
+        target = await self.store.get_member(channel_id, user.user_id if user else user_id)
         if target is None:
             raise NotFoundError(f"{user_id} is not a member of channel {channel_id}")
         if target.role == "owner":

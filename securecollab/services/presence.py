@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from securecollab.backplane import Backplane, Delivery, PresenceRecord
-from securecollab.ids import new_id, now_ms
+from securecollab.ids import new_id, now_ms, user_key
 from securecollab.services.errors import InvalidInput
 
 PRESENCE_TOPIC = "/topic/presence"
@@ -105,10 +105,17 @@ class PresenceService:
 
         The same rule as the topic: presence is shared only between contacts.
         """
-        peers = await self.peers_of(viewer)
-        unique = list(dict.fromkeys(user_ids))
-        shown = [u for u in unique if u == viewer or u in peers]
-        hidden = [u for u in unique if u != viewer and u not in peers]
+        # by case-insensitive identity: a client may spell an id otherwise than the store
+        visible = {user_key(p): p for p in await self.peers_of(viewer)}
+        visible[user_key(viewer)] = viewer
+        shown: list[str] = []
+        hidden: list[str] = []
+        for u in dict.fromkeys(user_ids):
+            canonical = visible.get(user_key(u))
+            if canonical is None:
+                hidden.append(u)
+            else:
+                shown.append(canonical)  # presence is keyed by the stored spelling
         return await self.get(shown), hidden
 
     async def _current(self, user_id: str) -> PresenceView:
