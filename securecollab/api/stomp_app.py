@@ -69,6 +69,7 @@ def broker_config(settings: Settings) -> BrokerConfig:
         ),
         # refresh well inside the TTL so a live session never lapses
         presence_refresh_s=min(60.0, settings.presence.ttl_s / 3),
+        presence_ttl_s=float(settings.presence.ttl_s),
     )
 
 

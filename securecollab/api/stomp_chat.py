@@ -11,6 +11,7 @@ Hooks filled here (see `securecollab/broker/__init__.py`):
 - `initial_messages`: the user's offline queue, oldest first, delivered on SUBSCRIBE
   to `/user/queue/private` before live messages;
 - `on_delivered`: remove delivered messages from the offline queue (delete on ack);
+- `on_undelivered`: queue private messages that did not reach the client (at-least-once);
 - `peers_of`: users sharing a channel or conversation (presence visibility).
 """
 
@@ -51,6 +52,7 @@ class StompChat:
         hooks.channel_members = self.channel_members
         hooks.initial_messages = self.initial_messages
         hooks.on_delivered = self.offline.delivered
+        hooks.on_undelivered = self.messages.hand_back
         hooks.peers_of = self.store.peers_of
         broker.register_app_handler(SEND_DESTINATION, app_handler(self.send))
 

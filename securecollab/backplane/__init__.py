@@ -12,6 +12,9 @@ The port has three parts:
   sessions. Services publish; only the broker subscribes.
 - presence: per-user session registrations with a TTL, so a crashed node cannot
   leave users ONLINE forever.
+- subscribers: which users have a session subscribed to a destination right now
+  (the broker registers `/user/queue/private` subscriptions), with the same TTL rule,
+  so messaging can tell "would receive it live" from "merely connected" on any node.
 """
 
 from __future__ import annotations
@@ -76,10 +79,38 @@ class Backplane(Protocol):
         self, user_id: str, session_id: str, device: str, now_ms: int, ttl_ms: int
     ) -> PresenceRecord: ...
 
-    async def presence_refresh(self, user_id: str, session_id: str, now_ms: int, ttl_ms: int) -> None: ...
+    async def presence_refresh(
+        self, user_id: str, session_id: str, now_ms: int, ttl_ms: int
+    ) -> None: ...
 
-    async def presence_set_status(self, user_id: str, status: str, now_ms: int) -> PresenceRecord: ...
+    async def presence_set_status(
+        self, user_id: str, status: str, now_ms: int
+    ) -> PresenceRecord: ...
 
-    async def presence_disconnect(self, user_id: str, session_id: str, now_ms: int) -> PresenceRecord: ...
+    async def presence_disconnect(
+        self, user_id: str, session_id: str, now_ms: int
+    ) -> PresenceRecord: ...
 
     async def presence_get(self, user_ids: list[str], now_ms: int) -> dict[str, PresenceRecord]: ...
+
+    async def subscriber_add(
+        self, destination: str, user_id: str, session_id: str, now_ms: int, ttl_ms: int
+    ) -> None:
+        """`session_id` of `user_id` subscribed to `destination` (idempotent; renews the TTL)."""
+        ...
+
+    async def subscriber_refresh(
+        self, destination: str, user_id: str, session_id: str, now_ms: int, ttl_ms: int
+    ) -> None:
+        """Push the registration's expiry forward; no-op if it is not registered."""
+        ...
+
+    async def subscriber_remove(self, destination: str, user_id: str, session_id: str) -> None:
+        """The session unsubscribed or closed (idempotent)."""
+        ...
+
+    async def subscribed_users(
+        self, destination: str, user_ids: list[str], now_ms: int
+    ) -> set[str]:
+        """Those of `user_ids` with at least one unexpired registration for `destination`."""
+        ...

@@ -10,7 +10,9 @@ from securecollab.backplane import Delivery, DeliveryHandler, PresenceRecord, Ra
 
 @dataclass(slots=True)
 class _UserPresence:
-    sessions: dict[str, tuple[str, int]] = field(default_factory=dict)  # session -> (device, expiry)
+    sessions: dict[str, tuple[str, int]] = field(
+        default_factory=dict
+    )  # session -> (device, expiry)
     away: bool = False
     last_seen: int = 0
 
@@ -27,6 +29,8 @@ class MemoryBackplane:
         self._max_keys = max_keys
         self._handlers: list[DeliveryHandler] = []
         self._presence: dict[str, _UserPresence] = {}
+        # (destination, user) -> session -> expiry (ms epoch)
+        self._subscribers: dict[tuple[str, str], dict[str, int]] = {}
 
     # ------------------------------------------------------------------ rate limits
     async def hit(self, key: str, limit: int, window_ms: int, now_ms: int) -> RateDecision:
@@ -79,7 +83,9 @@ class MemoryBackplane:
         p.last_seen = now_ms
         return self._record(user_id, p, now_ms)
 
-    async def presence_refresh(self, user_id: str, session_id: str, now_ms: int, ttl_ms: int) -> None:
+    async def presence_refresh(
+        self, user_id: str, session_id: str, now_ms: int, ttl_ms: int
+    ) -> None:
         p = self._presence.get(user_id)
         if p is not None and session_id in p.sessions:
             p.sessions[session_id] = (p.sessions[session_id][0], now_ms + ttl_ms)
@@ -91,7 +97,9 @@ class MemoryBackplane:
         p.last_seen = now_ms
         return self._record(user_id, p, now_ms)
 
-    async def presence_disconnect(self, user_id: str, session_id: str, now_ms: int) -> PresenceRecord:
+    async def presence_disconnect(
+        self, user_id: str, session_id: str, now_ms: int
+    ) -> PresenceRecord:
         p = self._presence.get(user_id)
         if p is not None:
             p.sessions.pop(session_id, None)
@@ -100,3 +108,41 @@ class MemoryBackplane:
 
     async def presence_get(self, user_ids: list[str], now_ms: int) -> dict[str, PresenceRecord]:
         return {u: self._record(u, self._presence.get(u), now_ms) for u in user_ids}
+
+    # ------------------------------------------------------------------ subscribers
+    async def subscriber_add(
+        self, destination: str, user_id: str, session_id: str, now_ms: int, ttl_ms: int
+    ) -> None:
+        self._subscribers.setdefault((destination, user_id), {})[session_id] = now_ms + ttl_ms
+
+    async def subscriber_refresh(
+        self, destination: str, user_id: str, session_id: str, now_ms: int, ttl_ms: int
+    ) -> None:
+        sessions = self._subscribers.get((destination, user_id))
+        if sessions is not None and session_id in sessions:
+            sessions[session_id] = now_ms + ttl_ms
+
+    async def subscriber_remove(self, destination: str, user_id: str, session_id: str) -> None:
+        key = (destination, user_id)
+        sessions = self._subscribers.get(key)
+        if sessions is not None:
+            sessions.pop(session_id, None)
+            if not sessions:
+                del self._subscribers[key]
+
+    async def subscribed_users(
+        self, destination: str, user_ids: list[str], now_ms: int
+    ) -> set[str]:
+        found: set[str] = set()
+        for user_id in user_ids:
+            key = (destination, user_id)
+            sessions = self._subscribers.get(key)
+            if sessions is None:
+                continue
+            for sid in [s for s, exp in sessions.items() if exp <= now_ms]:
+                del sessions[sid]  # a crashed node's registrations lapse here
+            if sessions:
+                found.add(user_id)
+            else:
+                del self._subscribers[key]
+        return found

@@ -21,6 +21,17 @@ Hook API for other parts (all async; assign on `ctx.broker.hooks`):
         Messages of /user/queue/private reached the client: ACKed (client: cumulative,
         client-individual: one) or, for ack:auto, written to the socket. Errors are
         logged, never fatal. (Delete the offline-queue entries here.)
+    hooks.on_undelivered(user_id: str, message_ids: list[str]) -> None
+        Messages of /user/queue/private accepted for live delivery that did not reach
+        the client (dropped by a closing or slow session, unwritten at close, NACKed, or
+        unACKed in client modes at UNSUBSCRIBE/disconnect). Queue them offline here:
+        together with `initial_messages` this makes the private queue at-least-once.
+        A delivery that finds no subscription of a user whose last one on this node
+        ended less than `handback_grace_s` ago is handed back too. Subscriptions to
+        /user/queue/private are registered in the backplane
+        (`subscriber_add("/user/queue/private", ...)`, TTL `presence_ttl_s`, renewed
+        every `presence_refresh_s`), so a service can ask `subscribed_users()` who
+        would receive a message live on any node.
     hooks.peers_of(user_id: str) -> set[str]
         Users sharing a channel or conversation: the only ones who get that user's
         presence (on /topic/presence and GET /api/presence). Default: nobody.

@@ -37,4 +37,9 @@ class BrokerConfig:
     acl: tuple[AclRule, ...] = field(default_factory=tuple)
     queue_max_messages: int = 10_000  # backlog bound of one general /queue/<name>
     close_grace_s: float = 2.0  # time to flush the final ERROR/RECEIPT before aborting
-    presence_refresh_s: float = 60.0  # min interval between presence TTL refreshes
+    presence_refresh_s: float = 60.0  # how often live sessions renew their presence TTL
+    presence_ttl_s: float = 600.0  # TTL of backplane registrations (presence, subscribers)
+    # After a user's last /user/queue/private subscription on this node ended, a live
+    # delivery that finds none is handed back (hooks.on_undelivered) for this long: it
+    # covers a sender that saw the subscriber registered just before it went.
+    handback_grace_s: float = 60.0

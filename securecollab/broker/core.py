@@ -96,6 +96,12 @@ class Broker:
         self._queues: dict[str, _Queue] = {}
         self._app: dict[str, AppHandler] = {}
         self._shutting_down = False
+        # At-least-once on /user/queue/private: message ids to hand back
+        # (hooks.on_undelivered) and backplane registrations to remove, collected in
+        # sync code and flushed at the next await point (`flush`).
+        self._undelivered: dict[str, list[str]] = {}
+        self._unregister: list[tuple[str, str]] = []  # (user_id, session_id)
+        self._recent_private: dict[str, float] = {}  # user -> when its last sub here ended
         self._idle = trio.Event()
         self._idle.set()
         backplane.subscribe(self._on_delivery)
@@ -162,15 +168,46 @@ class Broker:
         assert session.info is not None
         await self._call_hook("on_session_open", self.hooks.on_session_open(session.info))
 
-    async def session_activity(self, session: Session) -> None:
-        assert session.info is not None
-        await self._call_hook("on_session_activity", self.hooks.on_session_activity(session.info))
+    async def refresh_forever(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Renew this node's backplane registrations every `presence_refresh_s` until
+        cancelled. A node that stops (or crashes) stops renewing, so its users lapse
+        to OFFLINE (and "not subscribed") after `presence_ttl_s`."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.config.presence_refresh_s)
+            await self.refresh_sessions()
+
+    async def refresh_sessions(self) -> None:
+        """One renewal round: presence (hooks.on_session_activity) and private-queue
+        subscriber registrations of every connected session. Never raises."""
+        ttl_ms = int(self.config.presence_ttl_s * 1000)
+        cutoff = trio.current_time() - self.config.handback_grace_s
+        for user_id in [u for u, t in self._recent_private.items() if t < cutoff]:
+            del self._recent_private[user_id]
+        for session in list(self.sessions.values()):
+            if session.state is not State.CONNECTED or session.info is None:
+                continue
+            info = session.info
+            await self._call_hook("on_session_activity", self.hooks.on_session_activity(info))
+            if _has_private(session):
+                try:
+                    await self.backplane.subscriber_refresh(
+                        PRIVATE_QUEUE, info.user_id, info.session_id, now_ms(), ttl_ms
+                    )
+                except Exception:
+                    log.exception("renewing the private-queue registration failed")
 
     async def detach(self, session: Session) -> None:
-        """The connection ended: drop subscriptions, redeliver unacked, abort transactions."""
+        """The connection ended: drop subscriptions, redeliver unacked, abort transactions,
+        hand back private messages that did not reach the client."""
         session.transactions.clear()
         for sub in list(session.subscriptions.values()):
             self.unsubscribe(sub)
+        for user_id, message_id in session.take_unwritten():
+            self.hand_back(user_id, [message_id])
+        await self.flush()
         if session.info is None:
             return
         users = self._by_user.get(session.user_id)
@@ -179,6 +216,38 @@ class Broker:
             if not users:
                 del self._by_user[session.user_id]
         await self._call_hook("on_session_close", self.hooks.on_session_close(session.info))
+
+    def hand_back(self, user_id: str, message_ids: list[str]) -> None:
+        """Private-queue messages that did not reach `user_id`: report them at the next
+        `flush` (hooks.on_undelivered)."""
+        if message_ids:
+            metrics.DROPS.labels("handed_back").inc(len(message_ids))
+            self._undelivered.setdefault(user_id, []).extend(message_ids)
+
+    async def flush(self) -> None:
+        """Report handed-back messages and remove ended backplane registrations.
+
+        Shielded (bounded by `close_grace_s` + 5 s): it often runs in a task that is
+        being cancelled (a closing session, shutdown), and a popped batch must not be lost.
+        """
+        if not (self._unregister or self._undelivered):
+            return
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.config.close_grace_s + 5
+            await self._flush()
+
+    async def _flush(self) -> None:
+        while self._unregister:
+            user_id, session_id = self._unregister.pop()
+            try:
+                await self.backplane.subscriber_remove(PRIVATE_QUEUE, user_id, session_id)
+            except Exception:
+                log.exception("removing the private-queue registration failed")
+        while self._undelivered:
+            user_id, ids = self._undelivered.popitem()
+            await self._call_hook(
+                "on_undelivered", self.hooks.on_undelivered(user_id, list(dict.fromkeys(ids)))
+            )
 
     async def _call_hook(self, name: str, call: Awaitable[None]) -> None:
         try:
@@ -314,6 +383,9 @@ class Broker:
                 raise Forbidden(f"not allowed to subscribe to {destination}")
         session.subscriptions[sub_id] = sub
         if target.kind in (Kind.USER, Kind.PRESENCE):
+            if target.name == PRIVATE_QUEUE:
+                # buffer live deliveries from the moment the subscription is visible
+                sub.buffer = []
             self._user_subs.setdefault((user_id, target.name), []).append(sub)
             if target.name == PRIVATE_QUEUE:
                 await self._initial_messages(sub)
@@ -328,25 +400,39 @@ class Broker:
             self._topic_subs.setdefault(target.name, []).append(sub)
 
     async def _initial_messages(self, sub: Subscription) -> None:
-        """Offline messages first (oldest first), then the live ones that arrived meanwhile."""
+        """Register the subscriber, then offline messages first (oldest first), then the
+        live ones that arrived meanwhile.
+
+        Order matters: the subscription already buffers live deliveries when the
+        backplane registration makes senders see the user as reachable (they then
+        skip the offline queue), and the offline queue is read only after that, so a
+        message is either queued before the read, or published after the subscription
+        exists.
+        """
         session = sub.session
-        sub.buffer = []
+        user_id = session.user_id
         try:
-            initial = await self.hooks.initial_messages(session.user_id)
+            await self.backplane.subscriber_add(
+                PRIVATE_QUEUE, user_id, session.id, now_ms(), int(self.config.presence_ttl_s * 1000)
+            )
+            initial = await self.hooks.initial_messages(user_id)
         except Exception:
-            log.exception("initial_messages hook failed")
+            log.exception("subscribing %s to the private queue failed", user_id)
             self.unsubscribe(sub)
             raise BrokerError("could not load queued messages", "try subscribing again") from None
+        if sub.buffer is None:
+            return  # unsubscribed (or closed) meanwhile: the buffer was handed back
         seen: set[str] = set()
         for message in initial:
             if message.message_id in seen:
                 continue
             seen.add(message.message_id)
             if not session.deliver(sub, message.message_id, message.body, message.headers):
-                return
+                return  # closing: still queued; unsubscribe hands back the buffer
         buffered, sub.buffer = sub.buffer, None
-        for message_id, body, headers in buffered:
+        for i, (message_id, body, headers) in enumerate(buffered):
             if message_id not in seen and not session.deliver(sub, message_id, body, headers):
+                self.hand_back(user_id, [m for m, _, _ in buffered[i:] if m not in seen])
                 return
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -358,6 +444,14 @@ class Broker:
         target = sub.target
         if target.kind in (Kind.USER, Kind.PRESENCE):
             _discard(self._user_subs, (session.user_id, target.name), sub)
+            if target.name == PRIVATE_QUEUE and target.kind is Kind.USER:
+                user_id = session.user_id
+                self._recent_private[user_id] = trio.current_time()
+                if sub.buffer:
+                    self.hand_back(user_id, [m for m, _, _ in sub.buffer])
+                sub.buffer = None
+                if not _has_private(session):
+                    self._unregister.append((user_id, session.id))
         elif target.kind is Kind.QUEUE and sub.queue is not None:
             queue = sub.queue
             if sub in queue.consumers:
@@ -377,16 +471,21 @@ class Broker:
         """NACKed or abandoned messages: queue messages go back to the front, redelivered."""
         queue = sub.queue
         dropped = 0
+        back: list[str] = []
         for entry in reversed(entries):
             if entry.queue_msg is not None and queue is not None:
                 msg = entry.queue_msg
                 msg.redelivered = True
                 msg.avoid = sub
                 queue.backlog.appendleft(msg)
+            elif entry.track:
+                back.append(entry.message_id)  # private queue: offline, next SUBSCRIBE
             else:
                 dropped += 1  # topic/user messages are not redelivered
         if dropped:
             metrics.DROPS.labels("nacked").inc(dropped)
+        if back:
+            self.hand_back(sub.session.user_id, back[::-1])
         if queue is not None:
             if queue.name not in self._queues and queue.backlog:
                 self._queues[queue.name] = queue
@@ -437,6 +536,7 @@ class Broker:
                 log.warning("ignoring delivery of unknown kind %r", delivery.kind)
         except Exception:
             log.exception("delivery to %s failed", delivery.destination)
+        await self.flush()
 
     def _deliver_user(self, delivery: Delivery) -> None:
         user_id = delivery.user_id
@@ -448,16 +548,34 @@ class Broker:
         if dest.startswith(own):  # the Spring form a service may use
             dest = "/user/" + dest[len(own) :]
         message_id = delivery.message_id or new_id()
-        for sub in list(self._user_subs.get((user_id, dest), ())):
+        subs = list(self._user_subs.get((user_id, dest), ()))
+        accepted = attempted = False
+        for sub in subs:
             if sub.session.id == delivery.exclude_session:
                 continue
+            attempted = True
             if sub.buffer is not None:
                 if len(sub.buffer) >= self.config.outbound_queue_frames:
                     sub.session.slow_consumer()
                     continue
                 sub.buffer.append((message_id, delivery.body, delivery.headers))
+                accepted = True
                 continue
-            sub.session.deliver(sub, message_id, delivery.body, delivery.headers)
+            if sub.session.deliver(sub, message_id, delivery.body, delivery.headers):
+                accepted = True
+        if dest != PRIVATE_QUEUE or accepted:
+            return
+        # At-least-once: a private message that reached none of the user's sessions goes
+        # back to the offline queue when a session here was meant to take it (it was
+        # closing or too slow), or the user's last subscription here ended so recently
+        # that the sender may still have seen it registered.
+        recent = self._recent_private.get(user_id)
+        if attempted or (
+            not subs
+            and recent is not None
+            and trio.current_time() - recent <= self.config.handback_grace_s
+        ):
+            self.hand_back(user_id, [message_id])
 
     def _control(self, delivery: Delivery) -> None:
         """kind "control": header `action` = "unsubscribe" (end `user_id`'s subscriptions to
@@ -480,6 +598,13 @@ class Broker:
     def user_sessions(self, user_id: str) -> list[SessionInfo]:
         """Connected sessions of `user_id` on this node."""
         return [s.info for s in self._by_user.get(user_id, ()) if s.info is not None]
+
+
+def _has_private(session: Session) -> bool:
+    return any(
+        s.target.kind is Kind.USER and s.target.name == PRIVATE_QUEUE
+        for s in session.subscriptions.values()
+    )
 
 
 def _discard(

@@ -89,8 +89,15 @@ class BrokerHooks:
     - `on_delivered(user_id, message_ids)`: messages on `/user/queue/private` reached
       the client: ACKed (client / client-individual) or, for ack:auto, written to the
       socket. Called once per batch; errors are logged, never fatal.
+    - `on_undelivered(user_id, message_ids)`: messages of `/user/queue/private` that
+      were accepted for live delivery but did not reach the client: dropped (session
+      closing, slow consumer), queued but unwritten when the connection ended, NACKed,
+      or unACKed (client modes) at UNSUBSCRIBE/disconnect. Called before the session's
+      close completes (so before the store closes at shutdown); errors are logged.
+      (Queue them offline here: the next SUBSCRIBE delivers them first.)
     - `on_session_open / on_session_close / on_session_activity(SessionInfo)`:
-      connection life (presence). Activity is throttled to `presence_refresh_s`.
+      connection life (presence). Activity is called for every connected session every
+      `presence_refresh_s` while the node runs (`Broker.refresh_forever`).
 
     Used by the /app handlers (api/stomp_app.py):
     - `peers_of(user_id) -> set[str]`: users who share a channel or conversation with
@@ -101,6 +108,7 @@ class BrokerHooks:
     can_subscribe_channel: Callable[[str, str], Awaitable[bool]] = _deny
     initial_messages: Callable[[str], Awaitable[list[InitialMessage]]] = _no_messages
     on_delivered: Callable[[str, list[str]], Awaitable[None]] = _ignore_delivered
+    on_undelivered: Callable[[str, list[str]], Awaitable[None]] = _ignore_delivered
     on_session_open: Callable[[SessionInfo], Awaitable[None]] = _ignore_session
     on_session_close: Callable[[SessionInfo], Awaitable[None]] = _ignore_session
     on_session_activity: Callable[[SessionInfo], Awaitable[None]] = _ignore_session

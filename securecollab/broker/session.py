@@ -155,9 +155,9 @@ class Session:
         now = trio.current_time()
         self.last_recv = now
         self.last_send = now
-        self._last_refresh = now
         self._ack_seq = 0
         self._out: deque[Outbound] = deque()
+        self._inflight: list[Outbound] = []  # the batch the writer is sending right now
         self._out_bytes = 0
         self._wake = trio.Event()
         self._timer_wake = trio.Event()
@@ -273,12 +273,6 @@ class Session:
                     metrics.FRAMES_IN.labels("invalid").inc()
                     self.fail(error.message, f"{error.reason}: {error.message}")
                     return
-                if (
-                    self.info is not None
-                    and self.last_recv - self._last_refresh >= self.config.presence_refresh_s
-                ):
-                    self._last_refresh = self.last_recv
-                    await self.broker.session_activity(self)
 
     async def _handle(self, frame: stomp.Frame) -> None:
         metrics.FRAMES_IN.labels(frame.command).inc()
@@ -302,6 +296,7 @@ class Session:
                 self.push_frame(stomp.Frame("RECEIPT", (("receipt-id", receipt),)))
         except BrokerError as exc:
             self.fail(exc.message, exc.detail, receipt)
+        await self.broker.flush()  # e.g. NACKed or unsubscribed private messages
 
     # ------------------------------------------------------------------ CONNECT
     async def _on_connect(self, frame: stomp.Frame) -> None:
@@ -357,7 +352,7 @@ class Session:
                 ),
             )
         )
-        self.last_recv = self._last_refresh = trio.current_time()
+        self.last_recv = trio.current_time()
         self._timer_wake.set()
         await self.broker.attach(self)
 
@@ -548,6 +543,8 @@ class Session:
         if self.state is State.CLOSING:
             return
         cfg = self.config
+        for user_id, message_id in self._unwritten(self._out):
+            self.broker.hand_back(user_id, [message_id])
         metrics.SLOW_CONSUMER_DISCONNECTS.inc()
         metrics.DROPS.labels("slow_consumer").inc(len(self._out) + 1)
         metrics.ERRORS.inc()
@@ -599,6 +596,19 @@ class Session:
             self.acks[pending.ack_id] = (sub, pending)
         return True
 
+    @staticmethod
+    def _unwritten(items: Sequence[Outbound]) -> list[tuple[str, str]]:
+        return [item.delivered for item in items if item.delivered is not None]
+
+    def take_unwritten(self) -> list[tuple[str, str]]:
+        """(user_id, message_id) of ack:auto private messages queued or being sent but not
+        known to be written; clears them. Called once the connection has ended."""
+        lost = self._unwritten(self._inflight) + self._unwritten(self._out)
+        self._inflight = []
+        self._out.clear()
+        self._out_bytes = 0
+        return lost
+
     async def _write_loop(self) -> None:
         while True:
             while not self._out:
@@ -610,11 +620,13 @@ class Session:
             batch = list(self._out)
             self._out.clear()
             self._out_bytes = 0
+            self._inflight = batch  # cut off mid-send: `take_unwritten` counts it as unsent
             try:
                 await self.conn.send(batch)
             except TransportClosed:
                 self._abort()
                 return
+            self._inflight = []
             self.last_send = trio.current_time()
             delivered: list[tuple[str, str]] = []
             for item in batch:

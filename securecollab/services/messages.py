@@ -19,12 +19,20 @@ stored); a REST send has no session, so every session of the sender gets the cop
 Idempotency: a send with a `clientMessageId` the same sender already used returns the
 original message (`created=False`) and publishes nothing again.
 
-Offline queue: a 1:1 message is queued for the recipient when the recipient has no
-live STOMP session (backplane presence OFFLINE). Channel messages are queued too, for
-every member other than the sender who has no live session, and reach them on
-`/user/queue/private` with `channelId` set. Queueing is per user, not per device: a
-device that was offline while another of the user's devices received a message
-catches up through history.
+Offline queue: a 1:1 message is queued for the recipient in the same commit when no
+session of the recipient is SUBSCRIBED to `/user/queue/private` (the broker registers
+those subscriptions in the backplane; merely being connected is not enough, as
+nothing would be delivered). A message that was sent live but did not reach the
+recipient (its session was closing or too slow, the frame was never written, or it
+was never ACKed in a client ack mode) is handed back by the broker and queued then
+(`hand_back`). With the broker's "queued first, de-duplicated by message-id" SUBSCRIBE
+path this makes `/user/queue/private` at-least-once, even for clients that never fetch
+history. Channel messages are queued too, for every member other than the sender who
+has no live session (presence), and reach them on `/user/queue/private` with
+`channelId` set; their live copies on `/topic/messages/{id}` are not handed back.
+Queueing is per user, not per device: a device that was offline while another of the
+user's devices received a message catches up through history, and a user's own
+messages are never queued for it.
 
 History is newest first; `limit` is 1..`MAX_PAGE_LIMIT` (more is refused, not clamped,
 so a client never silently gets fewer rows than it asked for).
@@ -37,6 +45,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from securecollab.backplane import Backplane, Delivery
 from securecollab.ids import now_ms, uuid7
@@ -51,6 +61,7 @@ MESSAGES_TOPIC = "chat.messages"
 MAX_PAGE_LIMIT = 200
 MAX_PAGE_OFFSET = 100_000
 JSON_HEADERS = (("content-type", "application/json"),)
+COMMIT_SHIELD_S = 30.0  # bound on commit + fan-out once a send reached the store
 
 
 def channel_topic(channel_id: str) -> str:
@@ -167,7 +178,11 @@ class MessageService:
             created_at=now,
             client_message_id=env.client_message_id,
         )
-        offline = await self._offline_users([u for u in recipients if u != sender_id], now)
+        others = [u for u in recipients if u != sender_id]
+        if env.channel_id is None:
+            offline = await self._unsubscribed(others, now)
+        else:
+            offline = await self._offline_users(others, now)
         outbox = OutboxRecord(
             id=message.id,
             topic=MESSAGES_TOPIC,
@@ -186,14 +201,19 @@ class MessageService:
             ).encode(),
             created_at=now,
         )
-        result = await self.store.insert_message(
-            message,
-            offline_for=offline,
-            offline_expires_at=now + self.offline_ttl_ms,
-            outbox=[outbox],
-        )
-        if result.created:
-            await self._deliver(result.message, session_id)
+        # Once handed to the store the message may commit; from then on its delivery
+        # must be attempted even if the caller is cancelled (its connection closing, a
+        # server shutdown), or a message the recipient was online for would be stored
+        # but never delivered nor queued. Shielded, but bounded.
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + COMMIT_SHIELD_S):
+            result = await self.store.insert_message(
+                message,
+                offline_for=offline,
+                offline_expires_at=now + self.offline_ttl_ms,
+                outbox=[outbox],
+            )
+            if result.created:
+                await self._deliver(result.message, session_id)
         return SendResult(result.message, result.created)
 
     async def _direct_recipients(self, env: Envelope) -> tuple[list[str], str]:
@@ -209,6 +229,21 @@ class MessageService:
             # Same answer for "no such channel" and "not a member": no probing.
             raise NotFoundError(f"channel {channel_id} not found")
         return [m.user_id for m in members]
+
+    async def _unsubscribed(self, user_ids: list[str], now: int) -> list[str]:
+        """Users with no session subscribed to the private queue on any node."""
+        if not user_ids:
+            return []
+        live = await self.backplane.subscribed_users(PRIVATE_QUEUE, user_ids, now)
+        return [u for u in user_ids if u not in live]
+
+    async def hand_back(self, user_id: str, message_ids: list[str]) -> None:
+        """Broker hook `on_undelivered`: queue messages that did not reach `user_id` live.
+
+        Idempotent (already queued: kept as is); messages the user sent are skipped.
+        """
+        if message_ids:
+            await self.store.enqueue_offline(user_id, message_ids, now_ms() + self.offline_ttl_ms)
 
     async def _offline_users(self, user_ids: list[str], now: int) -> list[str]:
         if not user_ids:

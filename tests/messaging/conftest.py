@@ -52,8 +52,16 @@ class Chat:
     offline: OfflineService
     delivered: list[Delivery] = field(default_factory=list)
 
-    async def online(self, user_id: str, session_id: str = "s1") -> None:
+    async def online(
+        self, user_id: str, session_id: str = "s1", *, subscribed: bool = True
+    ) -> None:
+        """Connect a session of `user_id`; `subscribed`: it also SUBSCRIBEd to
+        /user/queue/private (as the broker registers it), so it receives live."""
         await self.backplane.presence_connect(user_id, session_id, "laptop", now_ms(), 600_000)
+        if subscribed:
+            await self.backplane.subscriber_add(
+                "/user/queue/private", user_id, session_id, now_ms(), 600_000
+            )
 
     def bodies(
         self, kind: str, destination: str, user_id: str | None = None

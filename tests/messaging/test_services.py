@@ -77,6 +77,28 @@ async def test_offline_recipient_gets_a_queue_entry_in_the_same_commit(chat: Cha
     assert b"encryptedContent" not in outbox[0].payload
 
 
+async def test_connected_but_not_subscribed_recipient_gets_a_queue_entry(chat: Chat) -> None:
+    # Bob's session is connected (ONLINE) but never subscribed to /user/queue/private:
+    # nothing would reach him live, so the message waits in his queue.
+    await chat.online(B, subscribed=False)
+    r = await chat.messages.send(A, env(to=B))
+    assert [e.message.id for e in await chat.offline.pending(B)] == [r.message.id]
+
+
+async def test_hand_back_queues_once_and_never_the_senders_own(chat: Chat) -> None:
+    await chat.online(B)
+    r = await chat.messages.send(A, env(to=B))
+    assert await chat.offline.pending(B) == []
+    # the broker reports the live copy as undelivered (Bob's session was closing)
+    await chat.messages.hand_back(B, [r.message.id])
+    await chat.messages.hand_back(B, [r.message.id])
+    [entry] = await chat.offline.pending(B)
+    assert entry.message.id == r.message.id
+    # Alice's own sync copy is never queued for her
+    await chat.messages.hand_back(A, [r.message.id])
+    assert await chat.offline.pending(A) == []
+
+
 async def test_client_message_id_makes_a_retry_return_the_original(chat: Chat) -> None:
     first = await chat.messages.send(A, env(to=B, clientMessageId="cm-1"))
     retry = await chat.messages.send(A, env(to=B, clientMessageId="cm-1"))
