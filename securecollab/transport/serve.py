@@ -2,7 +2,8 @@
 
 `serve_stomp(ctx)` runs in the transports nursery: it listens on `[stomp] host:port`
 (0 disables; TLS when `tls_cert`/`tls_key` are set), records the bound port in
-`ctx.ports["stomp"]`, and when `ctx.shutdown` is set sends every session ERROR
+`ctx.ports["stomp"]`, renews the node's presence registrations
+(`Broker.refresh_forever`), and when `ctx.shutdown` is set sends every session ERROR
 "server shutting down" and closes it (WebSockets with 1001) before returning, so
 hypercorn never waits on open WebSockets.
 """
@@ -51,6 +52,8 @@ async def serve_stomp(
                     "fields": {"port": ctx.ports["stomp"], "host": s.host, "tls": tls is not None}
                 },
             )
+        # presence and private-queue registrations stay alive while this node runs
+        nursery.start_soon(broker.refresh_forever)
         task_status.started()
         await ctx.shutdown.wait()
         await broker.shutdown(max(0.5, ctx.settings.server.shutdown_timeout_s * 0.3))
