@@ -68,7 +68,7 @@ class ApiOpenAPIProvider(OpenAPIProvider):
 
     @staticmethod
     def _add_errors(path: str, method: str, operation: dict[str, Any]) -> None:
-        responses: dict[str, Any] = operation.setdefault("responses", {})
+        responses: dict[int | str, Any] = operation.setdefault("responses", {})
         if path == "/metrics" and not responses:
             responses[200] = {
                 "description": "Prometheus text exposition format 0.0.4",
