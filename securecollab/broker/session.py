@@ -205,7 +205,9 @@ class Session:
             self._out.clear()
             self._out_bytes = 0
         if final is not None:
-            self._out.append(self._outbound(final))
+            item = self._outbound(final)
+            if item is not None:
+                self._out.append(item)
         self._wake.set()
         self._timer_wake.set()
         if self._reader_scope is not None:
@@ -501,15 +503,23 @@ class Session:
         return False  # the receipt (if any) is already queued
 
     # ------------------------------------------------------------------ outbound
-    def _outbound(self, frame: stomp.Frame, delivered: tuple[str, str] | None = None) -> Outbound:
+    def _outbound(
+        self, frame: stomp.Frame, delivered: tuple[str, str] | None = None
+    ) -> Outbound | None:
+        """Encode for this session's version; None if the frame cannot be sent at all."""
         try:
             data = stomp.encode(frame, self.version)
         except ValueError:
-            # STOMP 1.0 cannot carry CR/LF in header values (no escaping): flatten them
-            clean = tuple(
-                (k, v.replace("\r", " ").replace("\n", " ")) for k, v in frame.headers if k
-            )
-            data = stomp.encode(stomp.Frame(frame.command, clean, frame.body), self.version)
+            # A sender on a newer version may relay headers this version cannot carry
+            # (1.0 escapes nothing: no CR/LF in values, no ":" in names; 1.1 has no CR).
+            # Per recipient: CR/LF in values become spaces, names that cannot be written
+            # are dropped; the other subscribers get the headers as sent.
+            try:
+                data = stomp.encode(_representable(frame, self.version), self.version)
+            except ValueError as exc:  # not from a relayed header: a bug, never a crash
+                log.error("cannot encode %s for STOMP %s: %s", frame.command, self.version, exc)
+                metrics.DROPS.labels("unencodable").inc()
+                return None
         if self.config.ws_always_binary:
             text = False
         else:
@@ -526,6 +536,8 @@ class Session:
             metrics.DROPS.labels("closing").inc()
             return False
         item = self._outbound(frame, delivered)
+        if item is None:
+            return False
         cfg = self.config
         if self._out and (
             len(self._out) >= cfg.outbound_queue_frames
@@ -675,6 +687,23 @@ class Session:
             with trio.move_on_at(wake):
                 await self._timer_wake.wait()
             self._timer_wake = trio.Event()
+
+
+def _representable(frame: stomp.Frame, version: str) -> stomp.Frame:
+    """`frame` with the headers `version` cannot carry made representable (see `_outbound`)."""
+    bad_value = "\r\n\x00" if version == "1.0" else "\r\x00"
+    bad_name = "\r\n\x00:" if version == "1.0" else "\r\x00"
+    headers: list[tuple[str, str]] = []
+    for name, value in frame.headers:
+        if not name or any(c in name for c in bad_name):
+            metrics.DROPS.labels("unrepresentable_header").inc()
+            continue
+        if any(c in value for c in bad_value):
+            value = value.replace("\x00", "").replace("\r\n", " ").replace("\r", " ")
+            if version == "1.0":
+                value = value.replace("\n", " ")
+        headers.append((name, value))
+    return stomp.Frame(frame.command, tuple(headers), frame.body)
 
 
 _HANDLERS = {
