@@ -42,7 +42,8 @@ _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\ufffd\ud800-\udfff]")
 DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 HSTS = "max-age=31536000; includeSubDomains"
 CORS_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
-CORS_HEADERS = "Authorization, Content-Type, X-Request-Id"
+# X-Device-Id: messaging stamps the device key's lastUsedAt from it (browser clients send it)
+CORS_HEADERS = "Authorization, Content-Type, X-Device-Id, X-Request-Id"
 CORS_EXPOSE = "Retry-After, X-Request-Id"
 
 
