@@ -1,7 +1,8 @@
 """Presence: ONLINE while any session is connected, AWAY on request, OFFLINE when the last goes.
 
-State lives in the backplane (per-session registrations with a TTL, refreshed by
-client activity), so a crashed node cannot leave its users ONLINE forever. Every change
+State lives in the backplane (per-session registrations with a TTL, renewed by the
+node every ttl/3 while it runs, whatever the client sends), so a crashed node cannot
+leave its users ONLINE forever. Every change
 of a user's status or device list is published on `/topic/presence`, one delivery per
 peer (users who share a channel or conversation, from the injected `peers_of`), so a
 subscriber only ever hears about its own contacts.
@@ -75,7 +76,7 @@ class PresenceService:
         return await self._changed(before, _view(record))
 
     async def refresh(self, user_id: str, session_id: str) -> None:
-        """The session is alive (heart-beat or frame): push its TTL forward."""
+        """The session is alive (its node renews it every ttl/3): push its TTL forward."""
         await self._backplane.presence_refresh(user_id, session_id, now_ms(), self._ttl_ms)
 
     async def set_status(self, user_id: str, status: str) -> PresenceView:
