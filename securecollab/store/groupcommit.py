@@ -1,9 +1,12 @@
 """What both adapters' writers share: the pending-write record, the batching policy, stats.
 
 A caller's write becomes a `WriteOp` queued to the adapter's single writer. The writer
-takes every pending op (up to `batch_max`), runs each in its own SAVEPOINT inside one
-transaction, commits once, then completes every op on the trio thread (`WriteOp.finish`),
-which wakes its waiter. An op that fails rolls back only its own savepoint.
+takes every pending op (up to `batch_max`), runs them all in one transaction, commits once,
+then completes every op on the trio thread (`finish_batch`), which wakes its waiter.
+Optimistic: the batch first runs without savepoints (they cost statements, or round trips
+on PostgreSQL, per op); only when an op raises is the transaction rolled back and the batch
+replayed with one SAVEPOINT per op, so a failing op still fails only itself. An op must
+therefore be safe to run twice (it is: a function of the connection, its effects rolled back).
 """
 
 from __future__ import annotations

@@ -7,11 +7,12 @@ explicitly, so any trio task may call the store, not only tasks started inside t
 Writes: every write method sends a `WriteOp` (an asyncio coroutine function taking the
 connection) into a bounded memory channel read by ONE writer task that owns ONE connection.
 The writer takes every pending op (up to `batch_max`; `groupcommit.BatchPolicy` decides on
-the `batch_wait_ms` linger) and crosses into asyncio once per batch: one transaction, a
-SAVEPOINT per op (a nested `conn.transaction()`), one COMMIT, then every waiter is woken.
-A failing op (unique violation -> `Conflict`) rolls back only its own savepoint. Crossing
-the trio/asyncio bridge once per batch instead of once per statement matters: many small
-concurrent calls through the bridge are slow (see DEPENDENCIES.md).
+the `batch_wait_ms` linger) and crosses into asyncio once per batch: one transaction, one
+COMMIT, then every waiter is woken. The batch runs without savepoints first; if an op
+raises, it is rolled back and replayed with a SAVEPOINT per op, so a failing op (unique
+violation -> `Conflict`) fails alone. Crossing the trio/asyncio bridge once per batch
+instead of once per statement matters: many small concurrent calls through the bridge are
+slow (see DEPENDENCIES.md).
 
 Reads: an asyncpg pool (`read_pool` connections); reads never queue behind the writer.
 """
@@ -259,31 +260,16 @@ class PostgresStore:
         return conn
 
     async def _run_batch_aio(self, batch: list[WriteOp[Any]]) -> None:
-        """One transaction, one SAVEPOINT per op, one COMMIT (asyncio side).
+        """One transaction, one COMMIT (asyncio side): optimistic first, isolated on failure.
 
-        Savepoints are driven by hand rather than by nested `conn.transaction()` so that
-        "release this op's savepoint" and "open the next one" travel in ONE round trip
-        (a multi-statement simple query): per op that is the op's own statements plus one
-        round trip, which is what bounds a single connection's throughput.
+        The batch first runs with no savepoints (saving a round trip per op). If an op
+        raises (not a connection error), the transaction is rolled back and the batch
+        replayed with one SAVEPOINT per op, so the failing op fails alone.
         """
         conn = await self._writer_connection()
         try:
-            await conn.execute("BEGIN; SAVEPOINT op")
-            last = len(batch) - 1
-            for i, op in enumerate(batch):
-                try:
-                    op.result = await op.fn(conn)
-                except Exception as exc:
-                    if conn.is_closed() or isinstance(exc, _CONNECTION_ERRORS):
-                        raise
-                    op.result = None
-                    op.error = _map_error(exc)
-                    # the savepoint survives ROLLBACK TO, ready for the next op
-                    await conn.execute("ROLLBACK TO SAVEPOINT op")
-                else:
-                    if i < last:
-                        await conn.execute("RELEASE SAVEPOINT op; SAVEPOINT op")
-            await conn.execute("COMMIT")
+            if not await self._run_optimistic(conn, batch):
+                await self._run_isolated(conn, batch)
         except BaseException:
             if not conn.is_closed() and conn.is_in_transaction():
                 try:
@@ -292,6 +278,46 @@ class PostgresStore:
                     conn.terminate()  # cannot even roll back: start afresh next batch
                     raise
             raise
+
+    async def _run_optimistic(self, conn: Conn, batch: list[WriteOp[Any]]) -> bool:
+        """Every op in one transaction, no savepoints; False (rolled back) if an op raised."""
+        await conn.execute("BEGIN")
+        for op in batch:
+            try:
+                op.result = await op.fn(conn)
+            except Exception as exc:
+                if conn.is_closed() or isinstance(exc, _CONNECTION_ERRORS):
+                    raise
+                for done in batch:
+                    done.result = None
+                await conn.execute("ROLLBACK")
+                return False
+        await conn.execute("COMMIT")
+        return True
+
+    async def _run_isolated(self, conn: Conn, batch: list[WriteOp[Any]]) -> None:
+        """One SAVEPOINT per op, one COMMIT.
+
+        Savepoints are driven by hand rather than by nested `conn.transaction()` so that
+        "release this op's savepoint" and "open the next one" travel in ONE round trip
+        (a multi-statement simple query).
+        """
+        await conn.execute("BEGIN; SAVEPOINT op")
+        last = len(batch) - 1
+        for i, op in enumerate(batch):
+            try:
+                op.result = await op.fn(conn)
+            except Exception as exc:
+                if conn.is_closed() or isinstance(exc, _CONNECTION_ERRORS):
+                    raise
+                op.result = None
+                op.error = _map_error(exc)
+                # the savepoint survives ROLLBACK TO, ready for the next op
+                await conn.execute("ROLLBACK TO SAVEPOINT op")
+            else:
+                if i < last:
+                    await conn.execute("RELEASE SAVEPOINT op; SAVEPOINT op")
+        await conn.execute("COMMIT")
 
     def _queued(self) -> int:
         """Writes waiting for the writer (not counting the batch in progress)."""

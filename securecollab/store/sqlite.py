@@ -2,10 +2,11 @@
 
 Writes: every write method queues a `WriteOp` to ONE writer thread owned by the store. The
 thread takes every pending op (up to `batch_max`; see `groupcommit.BatchPolicy` for the
-`batch_wait_ms` linger), runs each in its own SAVEPOINT inside one `BEGIN IMMEDIATE`
-transaction, commits once (`synchronous=FULL`: durable when COMMIT returns), then hands the
-whole batch back to the trio thread in one `run_sync_soon`, which wakes every waiter.
-A failing op (e.g. a unique violation -> `Conflict`) rolls back only its own savepoint.
+`batch_wait_ms` linger), runs them all in one `BEGIN IMMEDIATE` transaction, commits once
+(`synchronous=FULL`: durable when COMMIT returns), then hands the whole batch back to the
+trio thread in one `run_sync_soon`, which wakes every waiter. The batch first runs without
+savepoints; if any op raises, the transaction is rolled back and the batch replayed with one
+SAVEPOINT per op, so a failing op (e.g. a unique violation -> `Conflict`) fails only itself.
 
 Reads: a small pool of separate read-only connections used from `trio.to_thread`; in WAL
 mode they read the last committed snapshot and never wait for the writer.
@@ -275,22 +276,8 @@ class SQLiteStore:
     def _run_batch(self, conn: sqlite3.Connection, batch: list[WriteOp[Any]]) -> None:
         started = monotonic()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    op.result = op.fn(conn)
-                except Exception as exc:
-                    if not conn.in_transaction:
-                        # SQLite rolled back the whole transaction (I/O error, disk full):
-                        # the earlier ops of the batch are lost too
-                        raise
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    op.error = _map_error(exc)
-                else:
-                    conn.execute("RELEASE op")
-            conn.execute("COMMIT")
+            if not self._run_optimistic(conn, batch):
+                self._run_isolated(conn, batch)
         except Exception as exc:
             if conn.in_transaction:
                 try:
@@ -310,6 +297,48 @@ class SQLiteStore:
             self._token.run_sync_soon(finish_batch, self.stats, batch, seconds)
         except trio.RunFinishedError:  # the trio run is gone: nobody is waiting any more
             pass
+
+    def _run_optimistic(self, conn: sqlite3.Connection, batch: list[WriteOp[Any]]) -> bool:
+        """Run the whole batch in one transaction with no savepoints; commit if all ops pass.
+
+        Returns False (everything rolled back, no op's outcome set) when an op raised: the
+        caller then replays the batch with `_run_isolated`. A savepoint per op costs two
+        statements per write; failing writes are rare (a duplicate, a missing row), so the
+        common batch pays nothing for the isolation it did not need. A failure of COMMIT
+        itself raises (the whole batch fails, as it would with savepoints).
+        """
+        conn.execute("BEGIN IMMEDIATE")
+        for op in batch:
+            try:
+                op.result = op.fn(conn)
+            except Exception:
+                for done in batch:
+                    done.result = None
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                return False
+        conn.execute("COMMIT")
+        return True
+
+    def _run_isolated(self, conn: sqlite3.Connection, batch: list[WriteOp[Any]]) -> None:
+        """Run the batch with one SAVEPOINT per op: a failing op rolls back only itself."""
+        conn.execute("BEGIN IMMEDIATE")
+        for op in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                op.result = op.fn(conn)
+            except Exception as exc:
+                if not conn.in_transaction:
+                    # SQLite rolled back the whole transaction (I/O error, disk full):
+                    # the earlier ops of the batch are lost too
+                    raise
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                op.result = None
+                op.error = _map_error(exc)
+            else:
+                conn.execute("RELEASE op")
+        conn.execute("COMMIT")
 
     def _queued(self) -> int:
         """Writes waiting for the writer thread (not counting the batch in progress)."""

@@ -7,10 +7,10 @@ import trio
 from prometheus_client import REGISTRY
 
 from securecollab.ids import new_id
-from securecollab.store import Conflict, Page, Store, open_store
+from securecollab.store import Conflict, MessageRecord, Page, Store, open_store
 
 from .conftest import is_sqlite, wait_queued, writer_held
-from .factories import message, user
+from .factories import T0, message, outbox_for, user
 
 
 def _adapter(store: Store) -> str:
@@ -83,6 +83,44 @@ async def test_a_failing_write_does_not_fail_its_batch_neighbours(store: Store) 
     assert sorted([results["new3@example.com"], results["new3@EXAMPLE.com"]]) == ["conflict", "ok"]
     found = await store.existing_users([f"new{i}@example.com" for i in range(10)])
     assert len(found) == 10
+
+
+async def test_a_batch_replayed_after_a_failure_commits_each_write_once(store: Store) -> None:
+    # The writer runs a batch without savepoints first; a failing op makes it roll back
+    # and replay the batch op by op. The good writes must land exactly once.
+    await store.create_user(user("dup@example.com"))
+    sent = [message("a@example.com", to="b@example.com", client_id=f"c{i}") for i in range(6)]
+    outcomes: list[str] = []
+
+    async def send(m: MessageRecord) -> None:
+        result = await store.insert_message(
+            m, offline_for=["b@example.com"], offline_expires_at=T0 + 1000, outbox=[outbox_for(m)]
+        )
+        outcomes.append("created" if result.created else "repeat")
+
+    async def register() -> None:
+        try:
+            await store.create_user(user("dup@example.com"))
+            outcomes.append("registered")
+        except Conflict:
+            outcomes.append("conflict")
+
+    async with trio.open_nursery() as nursery:
+        async with writer_held(store):
+            for m in sent[:3]:
+                nursery.start_soon(send, m)
+            nursery.start_soon(register)
+            for m in sent[3:]:
+                nursery.start_soon(send, m)
+            await wait_queued(store, 7)
+
+    assert store.stats.last_batches[-1].size == 7  # all in one batch, so it was replayed
+    assert sorted(outcomes) == ["conflict"] + ["created"] * 6
+    history = await store.list_direct_messages("a@example.com", "b@example.com", Page())
+    assert sorted(m.id for m in history) == sorted(m.id for m in sent)
+    queued = await store.list_offline("b@example.com", now=0)
+    assert sorted(e.message.id for e in queued) == sorted(m.id for m in sent)
+    assert sorted(e.id for e in await store.fetch_outbox()) == sorted(m.id for m in sent)
 
 
 async def test_reads_are_not_blocked_by_an_open_write_batch(store: Store) -> None:
