@@ -10,10 +10,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 
+from securecollab.ids import now_ms
 from securecollab.services.errors import ConflictError, Forbidden, InvalidInput, NotFoundError
 from securecollab.services.keys import canonical_public_key, check_device_id
-from securecollab.services.messages import parse_page
-from securecollab.store import Page
+from securecollab.services.messages import KnownRecipients, parse_page
+from securecollab.store import Page, UserRecord
 
 from .conftest import Chat
 
@@ -118,6 +119,30 @@ async def test_unknown_recipient_and_plaintext_are_refused(chat: Chat) -> None:
     with pytest.raises(InvalidInput, match="plaintext is not accepted"):
         await chat.messages.send(A, env(to=B, content="hi bob"))
     assert await chat.messages.direct_history(A, B, Page()) == []
+
+
+async def test_a_refused_recipient_is_found_as_soon_as_it_registers(chat: Chat) -> None:
+    # "does not exist" is never cached: only recipients known to exist are
+    with pytest.raises(NotFoundError):
+        await chat.messages.send(A, env(to="erin@example.com"))
+    await chat.store.create_user(
+        UserRecord("erin@example.com", "x", "Erin", ("ROLE_USER",), now_ms())
+    )
+    r = await chat.messages.send(A, env(to="ERIN@example.com"))
+    assert r.message.recipient_id == "erin@example.com"  # the stored spelling
+
+
+async def test_a_deleted_recipient_is_refused_once_its_cache_entry_expired(chat: Chat) -> None:
+    clock = [1000.0]
+    chat.messages.known_recipients = KnownRecipients(ttl_s=2.0, clock=lambda: clock[0])
+    assert (await chat.messages.send(A, env(to=B))).created  # Bob is now known to exist
+    await chat.store.set_user_deleted(B, now_ms())
+    # the documented trade-off: for up to ttl_s the cached answer stands
+    assert (await chat.messages.send(A, env(to="Bob@example.com"))).message.recipient_id == B
+    clock[0] += 2.0
+    with pytest.raises(NotFoundError, match="does not exist"):
+        await chat.messages.send(A, env(to=B))
+    assert len(await chat.messages.direct_history(A, B, Page())) == 2
 
 
 async def test_history_pages_newest_first_by_offset_cursor_and_date(chat: Chat) -> None:
