@@ -10,7 +10,9 @@ Hooks filled here (see `securecollab/broker/__init__.py`):
 - `can_subscribe_channel` / `channel_members`: channel membership;
 - `initial_messages`: the user's offline queue, oldest first, delivered on SUBSCRIBE
   to `/user/queue/private` before live messages;
-- `on_delivered`: remove delivered messages from the offline queue (delete on ack);
+- `on_delivered`: remove delivered messages from the offline queue (delete on ack),
+  skipping the store for messages this process knows were never queued for that user
+  (`MessageService.may_be_queued`);
 - `on_undelivered`: queue private messages that did not reach the client (at-least-once);
 - `peers_of`: users sharing a channel or conversation (presence visibility).
 """
@@ -51,7 +53,7 @@ class StompChat:
         hooks.can_subscribe_channel = self.can_subscribe_channel
         hooks.channel_members = self.channel_members
         hooks.initial_messages = self.initial_messages
-        hooks.on_delivered = self.offline.delivered
+        hooks.on_delivered = self.delivered
         hooks.on_undelivered = self.messages.hand_back
         hooks.peers_of = self.store.peers_of
         broker.register_app_handler(SEND_DESTINATION, app_handler(self.send))
@@ -68,7 +70,12 @@ class StompChat:
     async def channel_members(self, channel_id: str) -> set[str]:
         return {m.user_id for m in await self.store.list_channel_members(channel_id)}
 
+    async def delivered(self, user_id: str, message_ids: list[str]) -> None:
+        """Broker hook: ack delivered messages in the offline queue (those that may be there)."""
+        await self.offline.delivered(user_id, self.messages.may_be_queued(user_id, message_ids))
+
     async def initial_messages(self, user_id: str) -> list[InitialMessage]:
         """The offline queue as MESSAGE frames, oldest first (removed only once delivered)."""
         entries = await self.offline.pending(user_id)
+        self.messages.queued_out(user_id, [e.message.id for e in entries])
         return [InitialMessage(e.message.id, message_body(e.message), JSON) for e in entries]

@@ -65,6 +65,7 @@ JSON_HEADERS = (("content-type", "application/json"),)
 COMMIT_SHIELD_S = 30.0  # bound on commit + fan-out once a send reached the store
 RECIPIENT_CACHE_TTL_S = 2.0  # how long "this recipient exists" is trusted without a read
 RECIPIENT_CACHE_MAX = 10_000  # users remembered; the oldest entry goes first
+NOT_QUEUED_MAX = 32_768  # (user, message) pairs remembered as never queued (~6 MB at most)
 
 
 def channel_topic(channel_id: str) -> str:
@@ -181,6 +182,44 @@ class KnownRecipients:
         self._entries[key] = (user_id, self._clock() + self.ttl_s)
 
 
+class NotQueued:
+    """(user, message id) pairs this process knows have no offline-queue entry.
+
+    Why: the broker reports every message of `/user/queue/private` that reached a
+    client (`on_delivered`), and acking it used to be a store write (a DELETE that
+    found nothing, for nearly every live 1:1 message). A pair is added when this
+    process committed a 1:1 message without queueing it for that user (a subscribed
+    recipient; the sender's own sync copy, never queued for its sender), and removed
+    when the message is handed back (queued after all), when it comes out of the
+    queue (`initial_messages`), or once its delivery was reported. An unknown pair
+    (sent by another node, or evicted: at most `max_entries`, oldest first) is acked
+    in the store as before, so a miss costs one write, never a message.
+    """
+
+    def __init__(self, max_entries: int = NOT_QUEUED_MAX) -> None:
+        self.max_entries = max_entries
+        self._pairs: dict[tuple[str, str], None] = {}
+
+    def add(self, user_id: str, message_id: str) -> None:
+        """`message_id` was committed without a queue entry for `user_id`."""
+        if self.max_entries <= 0:
+            return
+        while len(self._pairs) >= self.max_entries:
+            del self._pairs[next(iter(self._pairs))]
+        self._pairs[(user_key(user_id), message_id)] = None
+
+    def discard(self, user_id: str, message_ids: list[str]) -> None:
+        """These messages are (or may now be) queued for `user_id`."""
+        key = user_key(user_id)
+        for message_id in message_ids:
+            self._pairs.pop((key, message_id), None)
+
+    def may_be_queued(self, user_id: str, message_ids: list[str]) -> list[str]:
+        """The ids that may have a queue entry for `user_id` (the rest are forgotten)."""
+        key = user_key(user_id)
+        return [m for m in message_ids if self._pairs.pop((key, m), 0) is not None]
+
+
 class MessageService:
     """Send, deliver and page messages. State: its ports and two small in-memory caches."""
 
@@ -198,6 +237,7 @@ class MessageService:
         self.max_content_bytes = max_content_bytes
         self.offline_ttl_ms = offline_ttl_ms
         self.known_recipients = KnownRecipients(recipient_cache_ttl_s)
+        self.not_queued = NotQueued()
 
     # ------------------------------------------------------------------ sending
     async def send(
@@ -267,6 +307,10 @@ class MessageService:
                 outbox=[outbox],
             )
             if result.created:
+                if env.channel_id is None:
+                    # before the deliveries go out: their on_delivered may come at once
+                    for user_id in {sender_id, *others} - set(offline):
+                        self.not_queued.add(user_id, message.id)
                 await self._deliver(result.message, session_id)
         return SendResult(result.message, result.created)
 
@@ -301,7 +345,20 @@ class MessageService:
         Idempotent (already queued: kept as is); messages the user sent are skipped.
         """
         if message_ids:
+            self.not_queued.discard(user_id, message_ids)
             await self.store.enqueue_offline(user_id, message_ids, now_ms() + self.offline_ttl_ms)
+
+    def may_be_queued(self, user_id: str, message_ids: list[str]) -> list[str]:
+        """Of these messages delivered to `user_id`, those that may have a queue entry.
+
+        For the `on_delivered` hook: the others were never queued for that user, so
+        acking them would be a store write that deletes nothing.
+        """
+        return self.not_queued.may_be_queued(user_id, message_ids)
+
+    def queued_out(self, user_id: str, message_ids: list[str]) -> None:
+        """These messages were read from `user_id`'s queue (they are queued)."""
+        self.not_queued.discard(user_id, message_ids)
 
     async def _offline_users(self, user_ids: list[str], now: int) -> list[str]:
         if not user_ids:

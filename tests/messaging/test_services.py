@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from securecollab.ids import now_ms
 from securecollab.services.errors import ConflictError, Forbidden, InvalidInput, NotFoundError
 from securecollab.services.keys import canonical_public_key, check_device_id
-from securecollab.services.messages import KnownRecipients, parse_page
+from securecollab.services.messages import KnownRecipients, NotQueued, parse_page
 from securecollab.store import Page, UserRecord
 
 from .conftest import Chat
@@ -226,6 +226,42 @@ async def test_delivered_hook_acks_the_offline_entry(chat: Chat) -> None:
     m = (await chat.messages.send(A, env(to=B))).message
     await chat.offline.delivered(B, [m.id])
     assert await chat.offline.pending(B) == []
+
+
+async def test_delivery_acks_skip_the_store_only_for_messages_never_queued(chat: Chat) -> None:
+    await chat.online(B)
+    live = (await chat.messages.send(A, env(to=B))).message  # Bob subscribed: not queued
+    assert await chat.offline.pending(B) == []
+    # Bob's and Alice's (sync copy) deliveries of it need no queue delete
+    assert chat.messages.may_be_queued(B, [live.id]) == []
+    assert chat.messages.may_be_queued(A, [live.id]) == []
+    # handed back (Bob's session dropped it): queued now, so its later delivery is acked
+    again = (await chat.messages.send(A, env(to=B))).message
+    await chat.messages.hand_back(B, [again.id])
+    assert chat.messages.may_be_queued(B, [again.id]) == [again.id]
+    await chat.offline.delivered(B, [again.id])
+    assert await chat.offline.pending(B) == []
+    # queued for an offline recipient: always acked; unknown ids (another node): acked
+    await chat.backplane.presence_disconnect(B, "s1", now_ms())
+    await chat.backplane.subscriber_remove("/user/queue/private", B, "s1")
+    queued = (await chat.messages.send(A, env(to=B))).message
+    assert chat.messages.may_be_queued(B, [queued.id, "other-node-id"]) == [
+        queued.id,
+        "other-node-id",
+    ]
+    # an entry read out of the queue is never treated as unqueued
+    chat.messages.not_queued.add(B, queued.id)
+    chat.messages.queued_out(B, [queued.id])
+    assert chat.messages.may_be_queued(B, [queued.id]) == [queued.id]
+
+
+def test_not_queued_pairs_are_bounded_oldest_first() -> None:
+    pairs = NotQueued(max_entries=3)
+    for i in range(5):
+        pairs.add("Bob@example.com", f"m{i}")
+    # m0 and m1 were evicted: for them the ack goes to the store (correct, one write)
+    assert pairs.may_be_queued("bob@example.com", ["m0", "m1", "m2", "m3", "m4"]) == ["m0", "m1"]
+    assert pairs.may_be_queued("bob@example.com", ["m2"]) == ["m2"]  # reported once: forgotten
 
 
 # ---------------------------------------------------------------- channels
