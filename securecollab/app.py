@@ -38,7 +38,7 @@ from securecollab.services.keys import KeyService
 from securecollab.services.messages import MessageService
 from securecollab.services.offline import OfflineService
 from securecollab.store import Store, open_store
-from securecollab.transport.serve import mount_websocket, serve_stomp
+from securecollab.transport.serve import serve_stomp, with_websocket
 
 log = logging.getLogger("securecollab.app")
 
@@ -160,15 +160,16 @@ async def serve_http(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the REST (and later /ws) app until ctx.shutdown; started() with the bound port."""
-    app = create_app(ctx, extra_hooks=[mount_websocket, *hooks])  # /ws: STOMP over WebSocket
+    app = create_app(ctx, extra_hooks=hooks)
     ctx.extras["http_app"] = app
     cfg = hypercorn_config(ctx.settings)
+    asgi = with_websocket(app, ctx)  # /ws: STOMP over WebSocket, raw ASGI in front of quart
 
     # hypercorn reports its real binds ("http://127.0.0.1:43121") through task_status,
     # which is how port 0 becomes a known port
     async def run(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         await hypercorn_serve(
-            FinalSendShield(app), cfg, shutdown_trigger=ctx.shutdown.wait, task_status=task_status
+            FinalSendShield(asgi), cfg, shutdown_trigger=ctx.shutdown.wait, task_status=task_status
         )
 
     async with trio.open_nursery() as nursery:

@@ -1,4 +1,4 @@
-"""Start the broker's doors for a server: the raw TCP listener and the `/ws` route.
+"""Start the broker's doors for a server: the raw TCP listener and the `/ws` door.
 
 `serve_stomp(ctx)` runs in the transports nursery: it listens on `[stomp] host:port`
 (0 disables; TLS when `tls_cert`/`tls_key` are set), records the bound port in
@@ -14,11 +14,10 @@ import logging
 from typing import Any
 
 import trio
-from quart_trio import QuartTrio
 
 from securecollab.broker.core import Broker
 from securecollab.transport.tcp import serve_stomp_tcp, tls_context
-from securecollab.transport.websocket import stomp_websocket_view
+from securecollab.transport.websocket import ASGIApp, StompWebSocketASGI
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +29,9 @@ def _broker(ctx: Any) -> Broker:
     return broker
 
 
-def mount_websocket(app: QuartTrio, ctx: Any) -> None:
-    """App hook: STOMP over WebSocket at `/ws` on the HTTP port."""
-    app.websocket("/ws")(stomp_websocket_view(lambda: _broker(ctx)))
+def with_websocket(app: ASGIApp, ctx: Any) -> StompWebSocketASGI:
+    """`app` with STOMP over WebSocket at `/ws` in front of it (raw ASGI, same HTTP port)."""
+    return StompWebSocketASGI(app, lambda: _broker(ctx))
 
 
 async def serve_stomp(

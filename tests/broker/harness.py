@@ -1,4 +1,4 @@
-"""A broker on real sockets for tests: TCP listener + quart-trio `/ws` under hypercorn.
+"""A broker on real sockets for tests: TCP listener + the raw-ASGI `/ws` door under hypercorn.
 
 The authenticator is a small user table (the real AuthService is exercised by the
 integration tests in test_server.py): passcode `token-<user>` (optionally
@@ -24,7 +24,7 @@ from securecollab.broker.core import Broker
 from securecollab.broker.errors import AuthenticationFailed
 from securecollab.broker.hooks import BrokerHooks, Credentials, Identity
 from securecollab.transport.tcp import serve_stomp_tcp
-from securecollab.transport.websocket import stomp_websocket_view
+from securecollab.transport.websocket import StompWebSocketASGI
 
 USERS = ("alice", "bob", "carol", "dave")
 
@@ -70,8 +70,7 @@ async def broker_server(
     cfg = replace(BrokerConfig(), **config)
     backplane = MemoryBackplane()
     broker = Broker(backplane, cfg, table_authenticate, hooks)
-    app = QuartTrio(__name__)
-    app.websocket("/ws")(stomp_websocket_view(lambda: broker))
+    asgi = StompWebSocketASGI(QuartTrio(__name__), lambda: broker)  # the server's /ws door
     hc = HyperConfig()
     hc.bind = ["127.0.0.1:0"]
     hc.graceful_timeout = 1
@@ -81,7 +80,7 @@ async def broker_server(
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(serve_stomp_tcp, broker, "127.0.0.1", 0)
         binds = await nursery.start(
-            lambda task_status: serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)
+            lambda task_status: serve(asgi, hc, shutdown_trigger=stop.wait, task_status=task_status)
         )
         tcp_port = listeners[0].socket.getsockname()[1]
         http_port = int(binds[0].rsplit(":", 1)[1])

@@ -1,4 +1,4 @@
-"""A real broker (quart-trio `/ws` under hypercorn) on a chosen or ephemeral loopback port.
+"""A real broker (the raw-ASGI `/ws` door under hypercorn) on a chosen or ephemeral loopback port.
 
 Like `tests/broker/harness.py`, but it can bind a given port again, so a test can stop
 the broker and start a new one where the client expects it (a server restart). The
@@ -22,7 +22,7 @@ from securecollab.broker.config import AclRule, BrokerConfig
 from securecollab.broker.core import Broker
 from securecollab.broker.errors import AuthenticationFailed
 from securecollab.broker.hooks import BrokerHooks, Credentials, Identity
-from securecollab.transport.websocket import stomp_websocket_view
+from securecollab.transport.websocket import StompWebSocketASGI
 
 PERMISSIVE = (AclRule("/queue/*", ("*",), ("*",)), AclRule("/topic/*", ("*",), ("*",)))
 
@@ -52,8 +52,7 @@ async def broker_on(
     """Run a broker with a permissive ACL until the block ends, then shut it down."""
     cfg = replace(BrokerConfig(acl=PERMISSIVE), **config)
     broker = Broker(MemoryBackplane(), cfg, token_auth, hooks)
-    app = QuartTrio(__name__)
-    app.websocket("/ws")(stomp_websocket_view(lambda: broker))
+    asgi = StompWebSocketASGI(QuartTrio(__name__), lambda: broker)  # the server's /ws door
     hc = HyperConfig()
     hc.bind = [f"127.0.0.1:{port}"]
     hc.graceful_timeout = 0.5
@@ -62,7 +61,7 @@ async def broker_on(
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
-            lambda task_status: serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)
+            lambda task_status: serve(asgi, hc, shutdown_trigger=stop.wait, task_status=task_status)
         )
         try:
             yield Running(broker, int(binds[0].rsplit(":", 1)[1]))
