@@ -76,6 +76,7 @@ def _check_tree(value: Any) -> None:
 
 def loads(data: bytes | str) -> Any:
     """Decode one JSON document from a client; BadJson (with a reason) when unacceptable."""
+    from_utf8 = isinstance(data, bytes)
     if isinstance(data, bytes):
         try:
             text = data.decode("utf-8")
@@ -98,5 +99,11 @@ def loads(data: bytes | str) -> Any:
         raise BadJson(f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise BadJson(str(exc)) from None
+    # Fast path (every message send): text decoded from valid UTF-8 holds no surrogate,
+    # and json.loads refuses raw control characters, so NUL or a lone surrogate can only
+    # come from a \u escape; and nesting deeper than MAX_DEPTH needs more than MAX_DEPTH
+    # brackets. Without either, the tree walk cannot refuse anything.
+    if from_utf8 and "\\u" not in text and text.count("[") + text.count("{") <= MAX_DEPTH:
+        return value
     _check_tree(value)
     return value
