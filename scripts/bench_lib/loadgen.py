@@ -449,30 +449,8 @@ async def idle(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) ->
     connect_ms: list[float] = []
     failures: dict[str, int] = {}
     hold_end_box = [0.0]
-
-    async def one(i: int) -> None:
-        u = users[i % len(users)]
-        async with sem:
-            t = time.time()
-            try:
-                c = await Stomp.open(
-                    spec["url"], u["login"], u["passcode"], spec["vhost"], f"{hb},{hb}", 10
-                )
-            except Exception as exc:  # refused, reset, timed out: count it, keep going
-                key = f"{type(exc).__name__}: {str(exc)[:80]}"
-                failures[key] = failures.get(key, 0) + 1
-                return
-            connect_ms.append((time.time() - t) * 1000)
-            conns.append(c)
-
-    try:
-        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), spec["connect_timeout"])
-    except TimeoutError:
-        failures["connect phase timed out"] = n - len(conns) - sum(failures.values())
-    connected_at = time.time()
-    emit({"event": "connected", "n": len(conns), "at": connected_at})
-    hold_end_box[0] = connected_at + spec["hold"]
     dropped = [0]
+    keepers: list[asyncio.Task[None]] = []
 
     async def keep(i: int, c: Stomp) -> None:
         # Client heart-beat every hb ms (staggered); drain whatever the server sends.
@@ -493,7 +471,32 @@ async def idle(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) ->
         finally:
             b.cancel()
 
-    keepers = [asyncio.create_task(keep(i, c)) for i, c in enumerate(conns)]
+    async def one(i: int) -> None:
+        u = users[i % len(users)]
+        async with sem:
+            t = time.time()
+            try:
+                c = await Stomp.open(
+                    spec["url"], u["login"], u["passcode"], spec["vhost"], f"{hb},{hb}", 10
+                )
+            except Exception as exc:  # refused, reset, timed out: count it, keep going
+                key = f"{type(exc).__name__}: {str(exc)[:80]}"
+                failures[key] = failures.get(key, 0) + 1
+                return
+            connect_ms.append((time.time() - t) * 1000)
+            # beat from the start: the server drops a session after 2 silent intervals,
+            # and the connect phase of 10,000 sessions takes longer than that
+            keepers.append(asyncio.create_task(keep(len(conns), c)))
+            conns.append(c)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), spec["connect_timeout"])
+    except TimeoutError:
+        failures["connect phase timed out"] = n - len(conns) - sum(failures.values())
+    connected_at = time.time()
+    emit({"event": "connected", "n": len(conns), "at": connected_at})
+    hold_end_box[0] = connected_at + spec["hold"]
+
     await asyncio.sleep(max(0.0, hold_end_box[0] - time.time()))
     alive = sum(1 for k in keepers if not k.done())
     for k in keepers:

@@ -156,6 +156,7 @@ class StompApp:
         self.broker = broker
         self.presence = presence
         self._local: dict[str, str] = {}  # user -> status, users with a session on this node
+        self._counts: Counter[str] = Counter()  # status -> users in _local with it
         hooks = broker.hooks
         hooks.on_session_open = self._opened
         hooks.on_session_close = self._closed
@@ -165,13 +166,21 @@ class StompApp:
 
     # ------------------------------------------------------------------ presence hooks
     def _track(self, user_id: str, status: str) -> None:
-        if self.broker.user_sessions(user_id) and status != "OFFLINE":
-            self._local[user_id] = status
+        # counted incrementally: a recount of every local user per CONNECT was O(users)
+        old = self._local.get(user_id)
+        new = status if self.broker.user_sessions(user_id) and status != "OFFLINE" else None
+        if old == new:
+            return
+        if new is None:
+            del self._local[user_id]
         else:
-            self._local.pop(user_id, None)
-        counts = Counter(self._local.values())
-        for name in ("ONLINE", "AWAY"):
-            metrics.PRESENCE.labels(name).set(counts.get(name, 0))
+            self._local[user_id] = new
+        if old is not None:
+            self._counts[old] -= 1
+            metrics.PRESENCE.labels(old).set(self._counts[old])
+        if new is not None:
+            self._counts[new] += 1
+            metrics.PRESENCE.labels(new).set(self._counts[new])
 
     async def _opened(self, info: SessionInfo) -> None:
         view = await self.presence.session_opened(info.user_id, info.session_id, info.device_id)

@@ -38,6 +38,8 @@ class Delivery:
     kind "user": to every session of `user_id` subscribed to `destination`
     (a user destination as the client wrote it, e.g. "/user/queue/private").
     kind "topic": to every subscriber of `destination` (e.g. "/topic/messages/<id>").
+    kind "presence": `user_id`'s presence changed; to the subscribers of
+    `/topic/presence` who are that user's peers (the broker filters by `hooks.peers_of`).
     kind "control": broker instructions (e.g. end a user's channel subscription);
     `headers` carry the details.
     """

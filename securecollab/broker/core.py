@@ -21,6 +21,7 @@ from securecollab.backplane import Backplane, Delivery
 from securecollab.broker import destinations, metrics
 from securecollab.broker.config import BrokerConfig
 from securecollab.broker.destinations import (
+    PRESENCE_TOPIC,
     PRIVATE_QUEUE,
     Destination,
     Kind,
@@ -93,6 +94,9 @@ class Broker:
         self._by_user: dict[str, set[Session]] = {}
         self._user_subs: dict[tuple[str, str], list[Subscription]] = {}
         self._topic_subs: dict[str, list[Subscription]] = {}
+        # users with a /topic/presence subscription here -> how many (presence fan-out
+        # visits only these, never the subject's whole contact list)
+        self._presence_viewers: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._app: dict[str, AppHandler] = {}
         self._shutting_down = False
@@ -387,6 +391,8 @@ class Broker:
                 # buffer live deliveries from the moment the subscription is visible
                 sub.buffer = []
             self._user_subs.setdefault((user_id, target.name), []).append(sub)
+            if target.kind is Kind.PRESENCE:
+                self._presence_viewers[user_id] = self._presence_viewers.get(user_id, 0) + 1
             if target.name == PRIVATE_QUEUE:
                 await self._initial_messages(sub)
         elif target.kind is Kind.QUEUE:
@@ -444,6 +450,12 @@ class Broker:
         target = sub.target
         if target.kind in (Kind.USER, Kind.PRESENCE):
             _discard(self._user_subs, (session.user_id, target.name), sub)
+            if target.kind is Kind.PRESENCE:
+                left = self._presence_viewers.get(session.user_id, 0) - 1
+                if left > 0:
+                    self._presence_viewers[session.user_id] = left
+                else:
+                    self._presence_viewers.pop(session.user_id, None)
             if target.name == PRIVATE_QUEUE and target.kind is Kind.USER:
                 user_id = session.user_id
                 self._recent_private[user_id] = trio.current_time()
@@ -530,6 +542,8 @@ class Broker:
                 for sub in list(self._topic_subs.get(delivery.destination, ())):
                     if sub.session.id != delivery.exclude_session:
                         sub.session.deliver(sub, message_id, delivery.body, delivery.headers)
+            elif delivery.kind == "presence":
+                await self._deliver_presence(delivery)
             elif delivery.kind == "control":
                 self._control(delivery)
             else:
@@ -576,6 +590,33 @@ class Broker:
             and trio.current_time() - recent <= self.config.handback_grace_s
         ):
             self.hand_back(user_id, [message_id])
+
+    async def _deliver_presence(self, delivery: Delivery) -> None:
+        """kind "presence": `user_id`'s presence changed; deliver it on /topic/presence to
+        the local subscribers among that user's peers (hooks.peers_of), nobody else.
+
+        Cost is O(local presence subscribers): the peer set is asked for only when some
+        other user here subscribes to presence, and nothing is sent per non-subscriber.
+        """
+        subject = delivery.user_id
+        if not subject:
+            log.warning("presence delivery without user_id")
+            return
+        if not any(u != subject for u in self._presence_viewers):
+            return
+        try:
+            peers = await self.hooks.peers_of(subject)
+        except Exception:
+            log.exception("peers_of hook failed; presence change of %s not delivered", subject)
+            return
+        message_id = delivery.message_id or new_id()
+        # the subscriber set may have changed during the await: read it again; walk the
+        # smaller of the two sets
+        viewers = self._presence_viewers
+        small, big = (peers, viewers) if len(peers) <= len(viewers) else (viewers, peers)
+        for user_id in sorted(u for u in small if u in big and u != subject):
+            for sub in list(self._user_subs.get((user_id, PRESENCE_TOPIC), ())):
+                sub.session.deliver(sub, message_id, delivery.body, delivery.headers)
 
     def _control(self, delivery: Delivery) -> None:
         """kind "control": header `action` = "unsubscribe" (end `user_id`'s subscriptions to

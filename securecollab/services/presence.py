@@ -3,9 +3,10 @@
 State lives in the backplane (per-session registrations with a TTL, renewed by the
 node every ttl/3 while it runs, whatever the client sends), so a crashed node cannot
 leave its users ONLINE forever. Every change
-of a user's status or device list is published on `/topic/presence`, one delivery per
-peer (users who share a channel or conversation, from the injected `peers_of`), so a
-subscriber only ever hears about its own contacts.
+of a user's status or device list is published once (backplane kind "presence"); each
+node's broker hands it to its `/topic/presence` subscribers who are peers of the user
+(share a channel or conversation: `hooks.peers_of`), so a subscriber only ever hears
+about its own contacts.
 """
 
 from __future__ import annotations
@@ -129,17 +130,20 @@ class PresenceService:
         return after
 
     async def publish(self, view: PresenceView) -> None:
-        """Send `view` on /topic/presence to each peer of its user (never to others)."""
-        peers = await self.peers_of(view.user_id)
-        body = json.dumps(view.to_json()).encode()
-        for peer in sorted(peers - {view.user_id}):
-            await self._backplane.publish(
-                Delivery(
-                    kind="user",
-                    destination=PRESENCE_TOPIC,
-                    body=body,
-                    headers=(("content-type", "application/json"),),
-                    user_id=peer,
-                    message_id=new_id(),
-                )
+        """Send `view` on /topic/presence to each peer of its user (never to others).
+
+        One backplane publication (kind "presence", `user_id` = whose presence) per
+        change; every node's broker delivers it to its own /topic/presence subscribers
+        that are peers of the user (`hooks.peers_of`), so a change costs
+        O(subscribers), not O(peers), and nothing when no peer listens.
+        """
+        await self._backplane.publish(
+            Delivery(
+                kind="presence",
+                destination=PRESENCE_TOPIC,
+                body=json.dumps(view.to_json()).encode(),
+                headers=(("content-type", "application/json"),),
+                user_id=view.user_id,
+                message_id=new_id(),
             )
+        )

@@ -115,6 +115,23 @@ async def test_presence_transitions_reach_peers_only(tmp_path: Path) -> None:
             assert await carol.quiet(0.2) == []  # not a peer of alice: heard nothing
 
 
+async def test_presence_stops_once_a_peer_unsubscribes_everywhere(tmp_path: Path) -> None:
+    async with chat_server(tmp_path) as (srv, tokens):
+        port = srv.ports["stomp"]
+        async with tcp_client(port) as bob1, tcp_client(port) as bob2:
+            for c in (bob1, bob2):
+                await c.connect(passcode=tokens[B])
+                await c.subscribe("/topic/presence", "p")
+            await bob1.receipt("UNSUBSCRIBE", {"id": "p"})
+            async with tcp_client(port) as alice:
+                await alice.connect({"device-id": "laptop"}, passcode=tokens[A])
+                (ev,) = await _presence_events(bob2, 1)  # bob's other session still listens
+                assert ev["userId"] == A and ev["status"] == "ONLINE"
+                await bob2.receipt("UNSUBSCRIBE", {"id": "p"})
+            assert await bob1.quiet(0.2) == []
+            assert await bob2.quiet(0.2) == []  # alice went offline: nobody listens now
+
+
 async def test_presence_over_rest_is_authenticated_and_filtered(tmp_path: Path) -> None:
     async with (
         chat_server(tmp_path) as (srv, tokens),
