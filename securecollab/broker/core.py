@@ -38,6 +38,7 @@ from securecollab.broker.hooks import (
 from securecollab.broker.session import (
     RESERVED_HEADERS,
     Connection,
+    Outbound,
     Pending,
     Session,
     State,
@@ -539,9 +540,12 @@ class Broker:
                 self._deliver_user(delivery)
             elif delivery.kind == "topic":
                 message_id = delivery.message_id or new_id()
+                shared: dict[tuple[str, str, str], Outbound | None] = {}  # encode once per key
                 for sub in list(self._topic_subs.get(delivery.destination, ())):
                     if sub.session.id != delivery.exclude_session:
-                        sub.session.deliver(sub, message_id, delivery.body, delivery.headers)
+                        sub.session.deliver(
+                            sub, message_id, delivery.body, delivery.headers, shared=shared
+                        )
             elif delivery.kind == "presence":
                 await self._deliver_presence(delivery)
             elif delivery.kind == "control":
@@ -610,13 +614,14 @@ class Broker:
             log.exception("peers_of hook failed; presence change of %s not delivered", subject)
             return
         message_id = delivery.message_id or new_id()
+        shared: dict[tuple[str, str, str], Outbound | None] = {}  # encode once per key
         # the subscriber set may have changed during the await: read it again; walk the
         # smaller of the two sets
         viewers = self._presence_viewers
         small, big = (peers, viewers) if len(peers) <= len(viewers) else (viewers, peers)
         for user_id in sorted(u for u in small if u in big and u != subject):
             for sub in list(self._user_subs.get((user_id, PRESENCE_TOPIC), ())):
-                sub.session.deliver(sub, message_id, delivery.body, delivery.headers)
+                sub.session.deliver(sub, message_id, delivery.body, delivery.headers, shared=shared)
 
     def _control(self, delivery: Delivery) -> None:
         """kind "control": header `action` = "unsubscribe" (end `user_id`'s subscriptions to

@@ -538,6 +538,10 @@ class Session:
         item = self._outbound(frame, delivered)
         if item is None:
             return False
+        return self._push(item)
+
+    def _push(self, item: Outbound) -> bool:
+        """Queue an encoded frame (the caller checked the state); False if too slow."""
         cfg = self.config
         if self._out and (
             len(self._out) >= cfg.outbound_queue_frames
@@ -580,14 +584,35 @@ class Session:
         *,
         redelivered: bool = False,
         queue_msg: QueueMessage | None = None,
+        shared: dict[tuple[str, str, str], Outbound | None] | None = None,
     ) -> bool:
-        """Queue one MESSAGE for `sub`; track it for ACK unless ack:auto. False if not queued."""
+        """Queue one MESSAGE for `sub`; track it for ACK unless ack:auto. False if not queued.
+
+        `shared`: one fan-out's encoded frames, keyed by (version, subscription id,
+        destination). Untracked ack:auto deliveries with equal keys are byte-identical,
+        so a fan-out to N subscribers encodes once per key, not N times.
+        """
+        track = sub.target.name == PRIVATE_QUEUE and sub.target.kind is Kind.USER
+        if shared is not None and sub.ack == "auto" and not (track or redelivered):
+            if self.state is State.CLOSING:
+                metrics.DROPS.labels("closing").inc()
+                return False
+            key = (self.version, sub.id, sub.destination)
+            if key in shared:
+                item = shared[key]
+            else:
+                item = shared[key] = self._outbound(
+                    stomp.Frame("MESSAGE", _message_headers(sub, message_id, body, headers), body)
+                )
+            if item is None or not self._push(item):
+                return False
+            metrics.DELIVERIES.labels(sub.target.kind.value).inc()
+            return True
         out: list[tuple[str, str]] = [
             ("subscription", sub.id),
             ("message-id", message_id),
             ("destination", sub.destination),
         ]
-        track = sub.target.name == PRIVATE_QUEUE and sub.target.kind is Kind.USER
         pending: Pending | None = None
         if sub.ack != "auto":
             self._ack_seq += 1
@@ -687,6 +712,19 @@ class Session:
             with trio.move_on_at(wake):
                 await self._timer_wake.wait()
             self._timer_wake = trio.Event()
+
+
+def _message_headers(
+    sub: Subscription, message_id: str, body: bytes, headers: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    """MESSAGE headers of an untracked ack:auto delivery (as `Session.deliver` builds them)."""
+    return (
+        ("subscription", sub.id),
+        ("message-id", message_id),
+        ("destination", sub.destination),
+        *(h for h in headers if h[0] not in RESERVED_HEADERS),
+        ("content-length", str(len(body))),
+    )
 
 
 def _representable(frame: stomp.Frame, version: str) -> stomp.Frame:

@@ -63,3 +63,39 @@ async def test_headers_a_subscriber_version_cannot_carry_are_adapted_per_recipie
         await sender.receipt("SEND", {"destination": destination}, "again")
         for client in (old, mid, new) if destination.startswith("/topic/") else (old,):
             assert (await client.next("MESSAGE")).body == b"again"
+
+
+async def test_one_fan_out_gives_each_subscriber_its_own_subscription_and_ack_headers(
+    server: BrokerServer,
+) -> None:
+    # a fan-out encodes once per (version, subscription id, destination): subscribers
+    # sharing those get the same bytes, the others their own ids; client-ack ones an ack id
+    async with (
+        tcp_client(server.tcp_port) as sender,
+        tcp_client(server.tcp_port) as a,
+        tcp_client(server.tcp_port) as b,
+        tcp_client(server.tcp_port) as c,
+        tcp_client(server.tcp_port, version="1.1") as d,
+    ):
+        await sender.connect(passcode="token-alice")
+        await a.connect(passcode="token-bob")
+        await b.connect(passcode="token-carol")
+        await c.connect(passcode="token-dave")
+        await d.connect({"accept-version": "1.1"}, passcode="token-bob@phone")
+        await a.subscribe("/topic/shared", "s-1")
+        await a.subscribe("/topic/shared", "s-2")
+        await b.subscribe("/topic/shared", "s-1")
+        await c.subscribe("/topic/shared", "s-1", ack="client")
+        await d.subscribe("/topic/shared", "s-1")
+        await sender.receipt("SEND", {"destination": "/topic/shared", "x-k": "v"}, "hi")
+        frames = [await a.next("MESSAGE"), await a.next("MESSAGE")]
+        frames += [await b.next("MESSAGE"), await c.next("MESSAGE"), await d.next("MESSAGE")]
+        assert sorted(f.get("subscription") for f in frames[:2]) == ["s-1", "s-2"]
+        assert [f.get("subscription") for f in frames[2:]] == ["s-1"] * 3
+        assert len({f.get("message-id") for f in frames}) == 1
+        for f in frames:
+            assert f.body == b"hi" and f.get("x-k") == "v"
+            assert f.get("destination") == "/topic/shared"
+        assert c.frames == [] and frames[3].get("ack")  # client ack: its own ack id
+        assert all(f.get("ack") is None for f in frames[:3] + frames[4:])
+        await c.receipt("ACK", {"id": frames[3].get("ack")})
