@@ -79,3 +79,21 @@ async def test_client_closing_the_socket_ends_the_session(server: BrokerServer) 
         await c.connect(passcode="token-alice")
         assert server.broker.user_sessions("alice")
     await eventually(lambda: not server.broker.user_sessions("alice"))
+
+
+async def test_only_ws_path_is_a_stomp_door(server: BrokerServer) -> None:
+    # the ASGI door takes /ws only; any other WebSocket path is the HTTP app's (no such
+    # route: the upgrade is refused with 404), and /ws?query still reaches the broker
+    try:
+        async with trio_websocket.open_websocket(
+            "127.0.0.1", server.http_port, "/wsx", use_ssl=False
+        ):
+            raise AssertionError("upgrade to /wsx was accepted")
+    except trio_websocket.ConnectionRejected as exc:
+        assert exc.status_code == 404
+    async with trio_websocket.open_websocket(
+        "127.0.0.1", server.http_port, "/ws?x=1", use_ssl=False, subprotocols=["v12.stomp"]
+    ) as ws:
+        assert ws.subprotocol == "v12.stomp"
+        await ws.send_message("CONNECT\naccept-version:1.2\npasscode:token-bob\n\n\x00")
+        assert str(await ws.get_message()).startswith("CONNECTED\n")
