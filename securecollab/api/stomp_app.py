@@ -35,10 +35,11 @@ from securecollab.broker.core import AppHandler, Broker
 from securecollab.broker.errors import AppError, AuthenticationFailed
 from securecollab.broker.hooks import Authenticator, BrokerHooks, Credentials, Identity, SessionInfo
 from securecollab.config import Settings
-from securecollab.ids import new_id, now_ms
+from securecollab.ids import new_id, now_ms, user_key
 from securecollab.services.auth import AuthService
 from securecollab.services.errors import RateLimited, ServiceError, Unauthorized
 from securecollab.services.presence import PresenceService
+from securecollab.store import UserRecord
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +153,15 @@ def json_body(frame: stomp.Frame, max_bytes: int = MAX_JSON_BODY) -> dict[str, A
 class StompApp:
     """Presence and typing over STOMP, and the broker hooks that keep presence current."""
 
-    def __init__(self, broker: Broker, presence: PresenceService) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        presence: PresenceService,
+        find_user: Callable[[str], Awaitable[UserRecord | None]],
+    ) -> None:
         self.broker = broker
         self.presence = presence
+        self.find_user = find_user  # client-typed ids -> the stored spelling deliveries use
         self._local: dict[str, str] = {}  # user -> status, users with a session on this node
         self._counts: Counter[str] = Counter()  # status -> users in _local with it
         hooks = broker.hooks
@@ -212,10 +219,13 @@ class StompApp:
             )
         event: dict[str, object] = {"from": session.user_id, "typing": typing, "at": now_ms()}
         if to is not None:
-            if not isinstance(to, str) or not to or to == session.user_id:
+            if not isinstance(to, str) or not to or user_key(to) == user_key(session.user_id):
                 raise AppError("invalid typing notice", '"to" must be another user\'s id')
-            event["to"] = to
-            recipients = {to}
+            user = await self.find_user(to)
+            if user is None or user.deleted_at is not None:
+                raise AppError("invalid typing notice", f"no user {to!r}")
+            event["to"] = user.user_id
+            recipients = {user.user_id}
         else:
             if not isinstance(channel_id, str) or not channel_id:
                 raise AppError("invalid typing notice", '"channelId" must be a channel id')
@@ -246,5 +256,5 @@ def build_broker(
     hooks = BrokerHooks()
     broker = Broker(backplane, broker_config(settings), authenticator(auth), hooks)
     presence = PresenceService(backplane, settings.presence.ttl_s, lambda u: hooks.peers_of(u))
-    StompApp(broker, presence)
+    StompApp(broker, presence, auth.get_user)
     return broker, presence

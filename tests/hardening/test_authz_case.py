@@ -138,3 +138,21 @@ def test_owner_removes_a_member_named_in_another_spelling(
     assert r.status_code == 200, r.text
     members = client.get(f"/api/channels/{cid}", headers=auth).json()["members"]
     assert members == ["alice@example.com"]
+
+
+async def test_typing_to_another_spelling_reaches_the_user(shared_server: SharedServer) -> None:
+    port = shared_server.stomp_port
+    async with tcp_client(port) as alice, tcp_client(port) as bob:
+        await alice.connect(passcode=shared_server.tokens["alice@example.com"])
+        await bob.connect(passcode=shared_server.tokens["bob@example.com"])
+        await bob.subscribe("/user/queue/typing")
+        await alice.receipt(
+            "SEND", {"destination": "/app/typing"}, json.dumps({"to": "BOB@EXAMPLE.COM"})
+        )
+        event = json.loads((await bob.next("MESSAGE")).body)
+        assert event["from"] == "alice@example.com" and event["typing"] is True
+        # and one's own id in another spelling is refused, not relayed to oneself
+        await alice.frame(
+            "SEND", {"destination": "/app/typing"}, json.dumps({"to": "Alice@Example.com"})
+        )
+        assert "invalid typing notice" in (await alice.next("ERROR")).get("message", "")
