@@ -24,7 +24,8 @@ def uuid7() -> str:
     global _last_v7
     ms = now_ms()
     rand = int.from_bytes(os.urandom(10), "big") & ((1 << 74) - 1)
-    value = (ms << 80) | (0x7 << 76) | ((rand >> 62) << 64) | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    rand_a, rand_b = rand >> 62, rand & ((1 << 62) - 1)
+    value = (ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
     if value <= _last_v7:
         # same or earlier millisecond: step the previous id by one in its random bits
         prev = _last_v7 + 1
