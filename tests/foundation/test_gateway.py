@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from quart import Quart
 
 from securecollab.context import AppContext
-from tests.support.server import bearer, register_and_login, running_server, tls_client_context
+from tests.support.server import (
+    bearer,
+    register_and_login,
+    running_server,
+    self_signed_cert,
+    tls_client_context,
+)
 
 SECURITY_HEADERS = {
     "x-frame-options": "DENY",
@@ -144,39 +144,8 @@ async def test_security_headers_and_request_id_on_every_response(tmp_path: Path)
         assert r.headers["x-request-id"] != "x" * 300
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_tls_serves_https_with_hsts(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     async with running_server(tmp_path, http__tls_cert=str(cert), http__tls_key=str(key)) as srv:
         assert srv.base_url.startswith("https://")
         async with httpx.AsyncClient(base_url=srv.base_url, verify=tls_client_context(cert)) as c:
