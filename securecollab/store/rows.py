@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Protocol
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from securecollab import ids
 from securecollab.store import (
     AuditRecord,
     ChannelRecord,
@@ -21,14 +23,34 @@ from securecollab.store import (
     UserRecord,
 )
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 
 class Row(Protocol):
     def __getitem__(self, key: str, /) -> Any: ...
 
 
+# Every record's field names ARE its table's column names, in column order; the column
+# lists and the plain conversions below are derived from the dataclasses, not kept by hand.
+R_ = TypeVar("R_", bound="DataclassInstance")
+
+
+def columns(record: type[Any]) -> str:
+    """The record's columns, comma-separated in field order (for SELECT and INSERT)."""
+    return ", ".join(f.name for f in fields(record))
+
+
+def from_row(record: type[R_], row: Row, **decoded: Any) -> R_:
+    """Build `record` from a row; `decoded` overrides columns that need decoding (JSON...)."""
+    return record(
+        **{f.name: decoded[f.name] if f.name in decoded else row[f.name] for f in fields(record)}
+    )
+
+
 def user_key(user_id: str) -> str:
     """The case-insensitive identity of a userId (what the unique index is on)."""
-    return user_id.lower()
+    return ids.user_key(user_id)
 
 
 def dumps(value: Mapping[str, str] | list[str] | tuple[str, ...]) -> str:
@@ -36,114 +58,42 @@ def dumps(value: Mapping[str, str] | list[str] | tuple[str, ...]) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-USER_COLUMNS = (
-    "user_id, password_hash, display_name, roles, created_at, deleted_at, deletion_scheduled_at"
-)
+USER_COLUMNS = columns(UserRecord)
+TOKEN_COLUMNS = columns(RefreshTokenRecord)
+AUDIT_COLUMNS = columns(AuditRecord)
+DEVICE_KEY_COLUMNS = columns(DeviceKeyRecord)
+CHANNEL_COLUMNS = columns(ChannelRecord)
+MEMBER_COLUMNS = columns(MemberRecord)
+MESSAGE_COLUMNS = columns(MessageRecord)
+OUTBOX_COLUMNS = columns(OutboxRecord)
 
 
 def user_from_row(row: Row) -> UserRecord:
-    return UserRecord(
-        user_id=row["user_id"],
-        password_hash=row["password_hash"],
-        display_name=row["display_name"],
-        roles=tuple(json.loads(row["roles"])),
-        created_at=row["created_at"],
-        deleted_at=row["deleted_at"],
-        deletion_scheduled_at=row["deletion_scheduled_at"],
-    )
-
-
-TOKEN_COLUMNS = (
-    "token_hash, user_id, family_id, issued_at, expires_at, used_at, revoked_at, device_id"
-)
+    return from_row(UserRecord, row, roles=tuple(json.loads(row["roles"])))
 
 
 def token_from_row(row: Row) -> RefreshTokenRecord:
-    return RefreshTokenRecord(
-        token_hash=row["token_hash"],
-        user_id=row["user_id"],
-        family_id=row["family_id"],
-        issued_at=row["issued_at"],
-        expires_at=row["expires_at"],
-        used_at=row["used_at"],
-        revoked_at=row["revoked_at"],
-        device_id=row["device_id"],
-    )
-
-
-AUDIT_COLUMNS = "id, actor, action, target, at, ip, detail"
+    return from_row(RefreshTokenRecord, row)
 
 
 def audit_from_row(row: Row) -> AuditRecord:
-    return AuditRecord(
-        id=row["id"],
-        actor=row["actor"],
-        action=row["action"],
-        target=row["target"],
-        at=row["at"],
-        ip=row["ip"],
-        detail=row["detail"],
-    )
-
-
-DEVICE_KEY_COLUMNS = "bundle_id, user_id, device_id, public_key, registered_at, last_used_at"
+    return from_row(AuditRecord, row)
 
 
 def device_key_from_row(row: Row) -> DeviceKeyRecord:
-    return DeviceKeyRecord(
-        bundle_id=row["bundle_id"],
-        user_id=row["user_id"],
-        device_id=row["device_id"],
-        public_key=row["public_key"],
-        registered_at=row["registered_at"],
-        last_used_at=row["last_used_at"],
-    )
-
-
-CHANNEL_COLUMNS = "id, name, description, owner_id, settings, created_at"
+    return from_row(DeviceKeyRecord, row)
 
 
 def channel_from_row(row: Row) -> ChannelRecord:
-    return ChannelRecord(
-        id=row["id"],
-        name=row["name"],
-        description=row["description"],
-        owner_id=row["owner_id"],
-        settings=json.loads(row["settings"]),
-        created_at=row["created_at"],
-    )
-
-
-MEMBER_COLUMNS = "channel_id, user_id, role, joined_at"
+    return from_row(ChannelRecord, row, settings=json.loads(row["settings"]))
 
 
 def member_from_row(row: Row) -> MemberRecord:
-    return MemberRecord(
-        channel_id=row["channel_id"],
-        user_id=row["user_id"],
-        role=row["role"],
-        joined_at=row["joined_at"],
-    )
-
-
-MESSAGE_COLUMNS = (
-    "id, sender_id, recipient_id, channel_id, encrypted_content, iv, keys, created_at,"
-    " client_message_id"
-)
+    return from_row(MemberRecord, row)
 
 
 def message_from_row(row: Row) -> MessageRecord:
-    return MessageRecord(
-        id=row["id"],
-        sender_id=row["sender_id"],
-        recipient_id=row["recipient_id"],
-        channel_id=row["channel_id"],
-        encrypted_content=row["encrypted_content"],
-        iv=row["iv"],
-        keys=json.loads(row["keys"]),
-        created_at=row["created_at"],
-        client_message_id=row["client_message_id"],
-    )
+    return from_row(MessageRecord, row, keys=json.loads(row["keys"]))
 
 
 def message_params(m: MessageRecord) -> tuple[Any, ...]:
@@ -171,18 +121,8 @@ def offline_from_row(row: Row) -> OfflineEntry:
     )
 
 
-OUTBOX_COLUMNS = "id, topic, key, payload, created_at, sent_at"
-
-
 def outbox_from_row(row: Row) -> OutboxRecord:
-    return OutboxRecord(
-        id=row["id"],
-        topic=row["topic"],
-        key=row["key"],
-        payload=bytes(row["payload"]),
-        created_at=row["created_at"],
-        sent_at=row["sent_at"],
-    )
+    return from_row(OutboxRecord, row, payload=bytes(row["payload"]))
 
 
 def check_message(m: MessageRecord) -> None:
