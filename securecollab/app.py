@@ -21,7 +21,6 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HyperConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from securecollab.api.rest import AppHook, create_app
 from securecollab.api.stomp_app import build_broker
@@ -38,7 +37,8 @@ from securecollab.services.keys import KeyService
 from securecollab.services.messages import MessageService
 from securecollab.services.offline import OfflineService
 from securecollab.store import Store, open_store
-from securecollab.transport.serve import serve_stomp, with_websocket
+from securecollab.transport.front import serve_front
+from securecollab.transport.serve import broker_of, serve_stomp, with_websocket
 
 log = logging.getLogger("securecollab.app")
 
@@ -163,13 +163,19 @@ async def serve_http(
     app = create_app(ctx, extra_hooks=hooks)
     ctx.extras["http_app"] = app
     cfg = hypercorn_config(ctx.settings)
-    asgi = with_websocket(app, ctx)  # /ws: STOMP over WebSocket, raw ASGI in front of quart
+    # /ws: the front door takes WebSocket upgrades itself (transport/front.py); one that
+    # comes later on a keep-alive HTTP connection reaches the raw ASGI door instead
+    asgi = with_websocket(app, ctx)
 
-    # hypercorn reports its real binds ("http://127.0.0.1:43121") through task_status,
-    # which is how port 0 becomes a known port
+    # the real binds ("http://127.0.0.1:43121") come back through task_status, which is
+    # how port 0 becomes a known port
     async def run(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await hypercorn_serve(
-            FinalSendShield(asgi), cfg, shutdown_trigger=ctx.shutdown.wait, task_status=task_status
+        await serve_front(
+            FinalSendShield(asgi),
+            cfg,
+            lambda: broker_of(ctx),
+            shutdown_trigger=ctx.shutdown.wait,
+            task_status=task_status,
         )
 
     async with trio.open_nursery() as nursery:

@@ -260,13 +260,24 @@ class Broker:
         except Exception:
             log.exception("broker hook %s failed", name)
 
+    def to_report(self, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Of these delivered (user_id, message_id), those `on_delivered` must hear of."""
+        keep = self.hooks.delivered_filter
+        out: list[tuple[str, str]] = []
+        for user_id, message_id in items:
+            if keep(user_id, [message_id]):
+                out.append((user_id, message_id))
+        return out
+
     async def delivered(self, items: list[tuple[str, str]]) -> None:
         """Report messages of /user/queue/private that reached their client."""
         by_user: dict[str, list[str]] = {}
         for user_id, message_id in items:
             by_user.setdefault(user_id, []).append(message_id)
         for user_id, ids in by_user.items():
-            await self._call_hook("on_delivered", self.hooks.on_delivered(user_id, ids))
+            ids = self.hooks.delivered_filter(user_id, ids)
+            if ids:
+                await self._call_hook("on_delivered", self.hooks.on_delivered(user_id, ids))
 
     # ------------------------------------------------------------------ SEND
     def authorize_send(self, session: Session, destination: str) -> Destination:

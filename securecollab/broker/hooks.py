@@ -72,6 +72,10 @@ async def _ignore_delivered(user_id: str, message_ids: list[str]) -> None:
     return None
 
 
+def _all_delivered(user_id: str, message_ids: list[str]) -> list[str]:
+    return message_ids
+
+
 async def _ignore_session(info: SessionInfo) -> None:
     return None
 
@@ -89,6 +93,11 @@ class BrokerHooks:
     - `on_delivered(user_id, message_ids)`: messages on `/user/queue/private` reached
       the client: ACKed (client / client-individual) or, for ack:auto, written to the
       socket. Called once per batch; errors are logged, never fatal.
+    - `delivered_filter(user_id, message_ids) -> message_ids` (synchronous, optional):
+      which of these delivered messages `on_delivered` needs to hear about. A session
+      that wrote a frame straight from the delivering task reports only what this
+      returns, so the common "never queued, nothing to delete" case costs no task
+      switch. Default: all of them.
     - `on_undelivered(user_id, message_ids)`: messages of `/user/queue/private` that
       were accepted for live delivery but did not reach the client: dropped (session
       closing, slow consumer), queued but unwritten when the connection ended, NACKed,
@@ -108,6 +117,7 @@ class BrokerHooks:
     can_subscribe_channel: Callable[[str, str], Awaitable[bool]] = _deny
     initial_messages: Callable[[str], Awaitable[list[InitialMessage]]] = _no_messages
     on_delivered: Callable[[str, list[str]], Awaitable[None]] = _ignore_delivered
+    delivered_filter: Callable[[str, list[str]], list[str]] = _all_delivered
     on_undelivered: Callable[[str, list[str]], Awaitable[None]] = _ignore_delivered
     on_session_open: Callable[[SessionInfo], Awaitable[None]] = _ignore_session
     on_session_close: Callable[[SessionInfo], Awaitable[None]] = _ignore_session

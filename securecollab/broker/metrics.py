@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import cache
+from typing import Any
+
 from prometheus_client import Counter, Gauge
 
 CONNECTIONS = Gauge("securecollab_stomp_connections_open", "Open STOMP connections", ["transport"])
@@ -24,3 +27,21 @@ ERRORS = Counter("securecollab_stomp_errors", "ERROR frames sent (each closes it
 PRESENCE = Gauge(
     "securecollab_presence_users", "Users with a session on this node, by status", ["status"]
 )
+
+
+# Cached label children for the per-frame counters: `labels()` takes a lock and builds
+# a key on every call; these run several times per message. Label values are bounded
+# (STOMP commands, destination kinds).
+@cache
+def frames_in(command: str) -> Any:
+    return FRAMES_IN.labels(command)
+
+
+@cache
+def frames_out(command: str) -> Any:
+    return FRAMES_OUT.labels(command or "heart-beat")
+
+
+@cache
+def deliveries(kind: str) -> Any:
+    return DELIVERIES.labels(kind)

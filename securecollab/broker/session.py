@@ -6,8 +6,11 @@ nursery (inside the transport's handler task, so inside the server's nursery):
 
 - reader: bytes -> `stomp.Parser` -> frames, handled one at a time in arrival order
   (a slow `/app` handler back-pressures that one client, nobody else);
-- writer: drains the bounded outbound queue; TCP writes everything queued in one
-  send, WebSocket sends one STOMP frame per message (the adapter decides);
+- writer: drains the bounded outbound queue; the adapter writes everything queued in
+  one send (WebSocket: still one STOMP frame per WebSocket message). When the adapter
+  offers `send_nowait` (a raw socket), a frame queued while the writer is idle and
+  nothing else is waiting is written at once by the task that produced it (one
+  syscall, no task switch); only what the kernel did not take wakes the writer;
 - timer: CONNECT timeout, heart-beats out, silent-peer detection.
 
 Every protocol violation becomes one ERROR frame (`message` header, `receipt-id` when
@@ -95,6 +98,11 @@ class Connection(Protocol):
         """Close the connection (WebSocket close `code`); must not raise."""
         ...
 
+    # Optional: `send_nowait(items) -> bool`, a synchronous write that returns True when
+    # all of `items` reached the kernel and False when (part of) them stayed buffered in
+    # the adapter, to be written by the next `send` (an attribute set to None, or absent,
+    # when the adapter cannot write without waiting, e.g. TLS).
+
 
 class State(Enum):
     NEW = "new"  # waiting for CONNECT
@@ -160,6 +168,9 @@ class Session:
         self._inflight: list[Outbound] = []  # the batch the writer is sending right now
         self._out_bytes = 0
         self._wake = trio.Event()
+        self._send_nowait = getattr(conn, "send_nowait", None)
+        self._writer_idle = False  # the writer waits for work (a direct write may go)
+        self._to_report: list[tuple[str, str]] = []  # written, on_delivered not yet told
         self._timer_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._reader_scope: trio.CancelScope | None = None
@@ -277,7 +288,7 @@ class Session:
                     return
 
     async def _handle(self, frame: stomp.Frame) -> None:
-        metrics.FRAMES_IN.labels(frame.command).inc()
+        metrics.frames_in(frame.command).inc()
         receipt = frame.get("receipt")
         try:
             if self.state is State.NEW:
@@ -549,10 +560,37 @@ class Session:
         ):
             self.slow_consumer()
             return False
+        if (
+            self._writer_idle
+            and self._send_nowait is not None
+            and not self._out
+            and not self._inflight
+        ):
+            # nothing is queued or being written: write from this task, in order
+            if self._send_nowait((item,)):
+                self._written((item,))
+            else:
+                self._inflight = [item]  # the rest is in the adapter's buffer
+                self._wake.set()
+            return True
         self._out.append(item)
         self._out_bytes += len(item.data)
         self._wake.set()
         return True
+
+    def _written(self, items: Sequence[Outbound]) -> None:
+        """Bookkeeping for frames the adapter wrote to the kernel."""
+        self.last_send = trio.current_time()
+        delivered: list[tuple[str, str]] = []
+        for item in items:
+            metrics.frames_out(item.command).inc()
+            if item.delivered is not None:
+                delivered.append(item.delivered)
+        if delivered:
+            report = self.broker.to_report(delivered)
+            if report:
+                self._to_report.extend(report)
+                self._wake.set()
 
     def slow_consumer(self) -> None:
         """The outbound queue is full: drop it, send ERROR "slow consumer", close."""
@@ -606,7 +644,7 @@ class Session:
                 )
             if item is None or not self._push(item):
                 return False
-            metrics.DELIVERIES.labels(sub.target.kind.value).inc()
+            metrics.deliveries(sub.target.kind.value).inc()
             return True
         out: list[tuple[str, str]] = [
             ("subscription", sub.id),
@@ -627,7 +665,7 @@ class Session:
         delivered = (self.user_id, message_id) if track and pending is None else None
         if not self.push_frame(frame, delivered):
             return False
-        metrics.DELIVERIES.labels(sub.target.kind.value).inc()
+        metrics.deliveries(sub.target.kind.value).inc()
         if pending is not None:
             sub.unacked[pending.ack_id] = pending
             self.acks[pending.ack_id] = (sub, pending)
@@ -648,30 +686,34 @@ class Session:
 
     async def _write_loop(self) -> None:
         while True:
-            while not self._out:
+            while not (self._out or self._inflight or self._to_report):
                 if self.state is State.CLOSING:
                     self._abort()
                     return
-                await self._wake.wait()
+                self._writer_idle = True
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._writer_idle = False
                 self._wake = trio.Event()
+            if self._to_report:
+                report, self._to_report = self._to_report, []
+                await self.broker.delivered(report)
+                continue
             batch = list(self._out)
             self._out.clear()
             self._out_bytes = 0
-            self._inflight = batch  # cut off mid-send: `take_unwritten` counts it as unsent
+            # a direct write's unwritten rest goes first (the adapter buffered it);
+            # cut off mid-send: `take_unwritten` counts all of it as unsent
+            sending = self._inflight + batch if self._inflight else batch
+            self._inflight = sending
             try:
                 await self.conn.send(batch)
             except TransportClosed:
                 self._abort()
                 return
             self._inflight = []
-            self.last_send = trio.current_time()
-            delivered: list[tuple[str, str]] = []
-            for item in batch:
-                metrics.FRAMES_OUT.labels(item.command or "heart-beat").inc()
-                if item.delivered is not None:
-                    delivered.append(item.delivered)
-            if delivered:
-                await self.broker.delivered(delivered)
+            self._written(sending)
 
     # ------------------------------------------------------------------ timers
     async def _timer_loop(self) -> None:

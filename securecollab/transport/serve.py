@@ -22,7 +22,8 @@ from securecollab.transport.websocket import ASGIApp, StompWebSocketASGI
 log = logging.getLogger(__name__)
 
 
-def _broker(ctx: Any) -> Broker:
+def broker_of(ctx: Any) -> Broker:
+    """The broker of a server context (raises if it has none)."""
     broker: Broker | None = ctx.broker
     if broker is None:
         raise RuntimeError("the server context has no broker")
@@ -31,14 +32,14 @@ def _broker(ctx: Any) -> Broker:
 
 def with_websocket(app: ASGIApp, ctx: Any) -> StompWebSocketASGI:
     """`app` with STOMP over WebSocket at `/ws` in front of it (raw ASGI, same HTTP port)."""
-    return StompWebSocketASGI(app, lambda: _broker(ctx))
+    return StompWebSocketASGI(app, lambda: broker_of(ctx))
 
 
 async def serve_stomp(
     ctx: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the STOMP TCP listener until `ctx.shutdown`; then close every session."""
-    broker = _broker(ctx)
+    broker = broker_of(ctx)
     s = ctx.settings.stomp
     async with trio.open_nursery() as nursery:
         if s.port != 0:

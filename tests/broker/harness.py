@@ -15,7 +15,6 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HyperConfig
-from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 from securecollab.backplane.memory import MemoryBackplane
@@ -24,6 +23,7 @@ from securecollab.broker.core import Broker
 from securecollab.broker.errors import AuthenticationFailed
 from securecollab.broker.hooks import BrokerHooks, Credentials, Identity
 from securecollab.transport.tcp import serve_stomp_tcp
+from securecollab.transport.front import serve_front
 from securecollab.transport.websocket import StompWebSocketASGI
 
 USERS = ("alice", "bob", "carol", "dave")
@@ -70,7 +70,7 @@ async def broker_server(
     cfg = replace(BrokerConfig(), **config)
     backplane = MemoryBackplane()
     broker = Broker(backplane, cfg, table_authenticate, hooks)
-    asgi = StompWebSocketASGI(QuartTrio(__name__), lambda: broker)  # the server's /ws door
+    asgi = StompWebSocketASGI(QuartTrio(__name__), lambda: broker)  # /ws after a keep-alive request
     hc = HyperConfig()
     hc.bind = ["127.0.0.1:0"]
     hc.graceful_timeout = 1
@@ -80,7 +80,9 @@ async def broker_server(
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(serve_stomp_tcp, broker, "127.0.0.1", 0)
         binds = await nursery.start(
-            lambda task_status: serve(asgi, hc, shutdown_trigger=stop.wait, task_status=task_status)
+            lambda task_status: serve_front(
+                asgi, hc, lambda: broker, shutdown_trigger=stop.wait, task_status=task_status
+            )
         )
         tcp_port = listeners[0].socket.getsockname()[1]
         http_port = int(binds[0].rsplit(":", 1)[1])

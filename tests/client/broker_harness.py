@@ -14,7 +14,6 @@ from typing import Any
 
 import trio
 from hypercorn.config import Config as HyperConfig
-from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 from securecollab.backplane.memory import MemoryBackplane
@@ -22,6 +21,7 @@ from securecollab.broker.config import AclRule, BrokerConfig
 from securecollab.broker.core import Broker
 from securecollab.broker.errors import AuthenticationFailed
 from securecollab.broker.hooks import BrokerHooks, Credentials, Identity
+from securecollab.transport.front import serve_front
 from securecollab.transport.websocket import StompWebSocketASGI
 
 PERMISSIVE = (AclRule("/queue/*", ("*",), ("*",)), AclRule("/topic/*", ("*",), ("*",)))
@@ -52,7 +52,7 @@ async def broker_on(
     """Run a broker with a permissive ACL until the block ends, then shut it down."""
     cfg = replace(BrokerConfig(acl=PERMISSIVE), **config)
     broker = Broker(MemoryBackplane(), cfg, token_auth, hooks)
-    asgi = StompWebSocketASGI(QuartTrio(__name__), lambda: broker)  # the server's /ws door
+    asgi = StompWebSocketASGI(QuartTrio(__name__), lambda: broker)  # /ws after a keep-alive request
     hc = HyperConfig()
     hc.bind = [f"127.0.0.1:{port}"]
     hc.graceful_timeout = 0.5
@@ -61,7 +61,9 @@ async def broker_on(
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
-            lambda task_status: serve(asgi, hc, shutdown_trigger=stop.wait, task_status=task_status)
+            lambda task_status: serve_front(
+                asgi, hc, lambda: broker, shutdown_trigger=stop.wait, task_status=task_status
+            )
         )
         try:
             yield Running(broker, int(binds[0].rsplit(":", 1)[1]))
