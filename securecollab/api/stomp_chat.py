@@ -7,7 +7,8 @@ plaintext, unknown recipient, not a channel member) become an ERROR frame throug
 `api.stomp_app.app_handler`, the one place service errors are mapped for STOMP.
 
 Hooks filled here (see `securecollab/broker/__init__.py`):
-- `can_subscribe_channel` / `channel_members`: channel membership;
+- `can_subscribe_channel` / `channel_members`: channel membership (the member ids
+  through the send path's cache, `services.membership`);
 - `initial_messages`: the user's offline queue, oldest first, delivered on SUBSCRIBE
   to `/user/queue/private` before live messages;
 - `on_delivered`: remove delivered messages from the offline queue (delete on ack),
@@ -68,7 +69,7 @@ class StompChat:
         return await self.channels.is_member(user_id, channel_id)
 
     async def channel_members(self, channel_id: str) -> set[str]:
-        return {m.user_id for m in await self.store.list_channel_members(channel_id)}
+        return set((await self.messages.members.get(channel_id)).ids)
 
     async def delivered(self, user_id: str, message_ids: list[str]) -> None:
         """Broker hook: ack delivered messages in the offline queue (those that may be there)."""

@@ -95,6 +95,15 @@ class Backplane(Protocol):
 
     async def presence_get(self, user_ids: list[str], now_ms: int) -> dict[str, PresenceRecord]: ...
 
+    async def presence_offline(self, user_ids: list[str], now_ms: int) -> list[str]:
+        """Those of `user_ids` with no unexpired session (status OFFLINE), in input order.
+
+        The per-message question of a channel send (queue it for whom?): an adapter
+        answers it without building a `PresenceRecord` per user, as it is asked for
+        every member of the channel on every message.
+        """
+        ...
+
     async def subscriber_add(
         self, destination: str, user_id: str, session_id: str, now_ms: int, ttl_ms: int
     ) -> None:

@@ -29,6 +29,9 @@ class MemoryBackplane:
         self._max_keys = max_keys
         self._handlers: list[DeliveryHandler] = []
         self._presence: dict[str, _UserPresence] = {}
+        # user -> latest expiry among its sessions (ms epoch); absent: no session.
+        # Kept next to `_presence` so "is this user offline" is one dict lookup.
+        self._online_until: dict[str, int] = {}
         # (destination, user) -> session -> expiry (ms epoch)
         self._subscribers: dict[tuple[str, str], dict[str, int]] = {}
 
@@ -64,10 +67,19 @@ class MemoryBackplane:
         self._handlers.append(handler)
 
     # ------------------------------------------------------------------ presence
+    def _sessions_changed(self, user_id: str, p: _UserPresence) -> None:
+        if p.sessions:
+            self._online_until[user_id] = max(exp for _, exp in p.sessions.values())
+        else:
+            self._online_until.pop(user_id, None)
+
     def _record(self, user_id: str, p: _UserPresence | None, now_ms: int) -> PresenceRecord:
         if p is not None:
-            for sid in [s for s, (_, exp) in p.sessions.items() if exp <= now_ms]:
-                del p.sessions[sid]
+            expired = [s for s, (_, exp) in p.sessions.items() if exp <= now_ms]
+            if expired:
+                for sid in expired:
+                    del p.sessions[sid]
+                self._sessions_changed(user_id, p)
         if p is None or not p.sessions:
             return PresenceRecord(user_id, "OFFLINE", (), p.last_seen if p else 0)
         devices = tuple(sorted({d for d, _ in p.sessions.values()}))
@@ -81,6 +93,7 @@ class MemoryBackplane:
             p.away = False
         p.sessions[session_id] = (device, now_ms + ttl_ms)
         p.last_seen = now_ms
+        self._sessions_changed(user_id, p)
         return self._record(user_id, p, now_ms)
 
     async def presence_refresh(
@@ -90,6 +103,7 @@ class MemoryBackplane:
         if p is not None and session_id in p.sessions:
             p.sessions[session_id] = (p.sessions[session_id][0], now_ms + ttl_ms)
             p.last_seen = now_ms
+            self._sessions_changed(user_id, p)
 
     async def presence_set_status(self, user_id: str, status: str, now_ms: int) -> PresenceRecord:
         p = self._presence.setdefault(user_id, _UserPresence())
@@ -104,10 +118,16 @@ class MemoryBackplane:
         if p is not None:
             p.sessions.pop(session_id, None)
             p.last_seen = now_ms
+            self._sessions_changed(user_id, p)
         return self._record(user_id, p, now_ms)
 
     async def presence_get(self, user_ids: list[str], now_ms: int) -> dict[str, PresenceRecord]:
         return {u: self._record(u, self._presence.get(u), now_ms) for u in user_ids}
+
+    async def presence_offline(self, user_ids: list[str], now_ms: int) -> list[str]:
+        # One lookup per user: asked for every member of a channel on every message.
+        until = self._online_until.get
+        return [u for u in user_ids if until(u, 0) <= now_ms]
 
     # ------------------------------------------------------------------ subscribers
     async def subscriber_add(

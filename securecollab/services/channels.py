@@ -30,6 +30,7 @@ from securecollab.backplane import Backplane, Delivery
 from securecollab.ids import new_id, now_ms
 from securecollab.services.audit import AuditService
 from securecollab.services.errors import ConflictError, Forbidden, InvalidInput, NotFoundError
+from securecollab.services.membership import ChannelMembers
 from securecollab.services.messages import channel_topic
 from securecollab.store import ChannelRecord, MemberRecord, Store
 
@@ -103,10 +104,19 @@ def _settings(value: object) -> dict[str, str]:
 class ChannelService:
     """Channel lifecycle and membership rules; see the module docstring."""
 
-    def __init__(self, store: Store, backplane: Backplane, audit: AuditService) -> None:
+    def __init__(
+        self,
+        store: Store,
+        backplane: Backplane,
+        audit: AuditService,
+        *,
+        members: ChannelMembers | None = None,
+    ) -> None:
         self.store = store
         self.backplane = backplane
         self.audit = audit
+        # the member-id cache the send path reads; every change here invalidates it
+        self.members = members if members is not None else ChannelMembers.for_store(store)
 
     # ------------------------------------------------------------------ queries
     async def is_member(self, user_id: str, channel_id: str) -> bool:
@@ -153,7 +163,10 @@ class ChannelService:
             settings=_settings(payload.get("settings")),
             created_at=now,
         )
-        await self.store.create_channel(channel)
+        try:
+            await self.store.create_channel(channel)
+        finally:
+            self.members.changed(channel.id)
         await self.audit.record(owner_id, "channel.create", channel.id, ip, {"name": channel.name})
         return ChannelView(channel, [MemberRecord(channel.id, owner_id, "owner", now)])
 
@@ -191,7 +204,10 @@ class ChannelService:
         if unknown:
             raise InvalidInput(code="unknown_users", detail=f"unknown users: {', '.join(unknown)}")
         wanted = list(dict.fromkeys(by_lower[u.lower()] for u in user_ids))
-        added = await self.store.add_channel_members(channel_id, wanted, str(role), now_ms())
+        try:
+            added = await self.store.add_channel_members(channel_id, wanted, str(role), now_ms())
+        finally:
+            self.members.changed(channel_id)
         if added:
             await self.audit.record(
                 actor_id, "channel.invite", channel_id, ip, {"userIds": added, "role": role}
@@ -204,7 +220,10 @@ class ChannelService:
         member = await self._member_or_404(user_id, channel_id)
         if member.role == "owner":
             raise ConflictError("the owner cannot leave the channel")
-        await self.store.remove_channel_member(channel_id, user_id)
+        try:
+            await self.store.remove_channel_member(channel_id, user_id)
+        finally:
+            self.members.changed(channel_id)
         await self.audit.record(user_id, "channel.leave", channel_id, ip, {"userId": user_id})
         await self._after_removal(
             channel_id, user_id, {"type": "LEFT", "userId": user_id, "by": user_id}
@@ -224,7 +243,10 @@ class ChannelService:
             raise NotFoundError(f"{user_id} is not a member of channel {channel_id}")
         if target.role == "owner":
             raise ConflictError("the owner cannot be removed from the channel")
-        await self.store.remove_channel_member(channel_id, target.user_id)
+        try:
+            await self.store.remove_channel_member(channel_id, target.user_id)
+        finally:
+            self.members.changed(channel_id)
         await self.audit.record(
             actor_id, "channel.remove", channel_id, ip, {"userId": target.user_id}
         )

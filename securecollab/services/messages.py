@@ -53,6 +53,7 @@ from securecollab.backplane import Backplane, Delivery
 from securecollab.ids import now_ms, user_key, uuid7
 from securecollab.services.envelope import Envelope, parse_envelope
 from securecollab.services.errors import InvalidInput, NotFoundError
+from securecollab.services.membership import ChannelMembers
 from securecollab.store import MessageRecord, OutboxRecord, Page, Store
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,7 @@ class MessageService:
         max_content_bytes: int = 65536,
         offline_ttl_ms: int = 7 * 24 * 3600 * 1000,
         recipient_cache_ttl_s: float = RECIPIENT_CACHE_TTL_S,
+        members: ChannelMembers | None = None,
     ) -> None:
         self.store = store
         self.backplane = backplane
@@ -238,6 +240,8 @@ class MessageService:
         self.offline_ttl_ms = offline_ttl_ms
         self.known_recipients = KnownRecipients(recipient_cache_ttl_s)
         self.not_queued = NotQueued()
+        # shared with ChannelService (same store object), which invalidates it
+        self.members = members if members is not None else ChannelMembers.for_store(store)
 
     # ------------------------------------------------------------------ sending
     async def send(
@@ -252,13 +256,11 @@ class MessageService:
         """
         env = parse_envelope(payload, max_content_bytes=self.max_content_bytes)
         if env.to is not None:
-            recipients, recipient_id = await self._direct_recipients(env)
+            recipient_id = await self._direct_recipient(env)
+            others = [] if recipient_id == sender_id else [recipient_id]
         else:
             assert env.channel_id is not None
-            recipients, recipient_id = (
-                await self._channel_recipients(sender_id, env.channel_id),
-                None,
-            )
+            others, recipient_id = await self._channel_others(sender_id, env.channel_id), None
 
         now = now_ms()
         message = MessageRecord(
@@ -272,7 +274,6 @@ class MessageService:
             created_at=now,
             client_message_id=env.client_message_id,
         )
-        others = [u for u in recipients if u != sender_id]
         if env.channel_id is None:
             offline = await self._unsubscribed(others, now)
         else:
@@ -314,23 +315,25 @@ class MessageService:
                 await self._deliver(result.message, session_id)
         return SendResult(result.message, result.created)
 
-    async def _direct_recipients(self, env: Envelope) -> tuple[list[str], str]:
+    async def _direct_recipient(self, env: Envelope) -> str:
+        """The recipient's stored userId; NotFoundError when unknown or deleted."""
         assert env.to is not None
         known = self.known_recipients.get(env.to)
         if known is not None:
-            return [known], known
+            return known
         user = await self.store.get_user(env.to)
         if user is None or user.deleted_at is not None:
             raise NotFoundError(f"recipient {env.to} does not exist")
         self.known_recipients.put(user.user_id)
-        return [user.user_id], user.user_id  # the stored spelling, not the client's
+        return user.user_id  # the stored spelling, not the client's
 
-    async def _channel_recipients(self, sender_id: str, channel_id: str) -> list[str]:
-        members = await self.store.list_channel_members(channel_id)
-        if not any(m.user_id == sender_id for m in members):
+    async def _channel_others(self, sender_id: str, channel_id: str) -> list[str]:
+        """The channel's members but the sender; NotFoundError when the sender is not one."""
+        members = await self.members.get(channel_id)
+        if sender_id not in members:
             # Same answer for "no such channel" and "not a member": no probing.
             raise NotFoundError(f"channel {channel_id} not found")
-        return [m.user_id for m in members]
+        return members.others(sender_id)
 
     async def _unsubscribed(self, user_ids: list[str], now: int) -> list[str]:
         """Users with no session subscribed to the private queue on any node."""
@@ -361,10 +364,10 @@ class MessageService:
         self.not_queued.discard(user_id, message_ids)
 
     async def _offline_users(self, user_ids: list[str], now: int) -> list[str]:
+        """Users with no live session on any node (presence status OFFLINE)."""
         if not user_ids:
             return []
-        presence = await self.backplane.presence_get(user_ids, now)
-        return [u for u in user_ids if presence.get(u) is None or presence[u].status == "OFFLINE"]
+        return await self.backplane.presence_offline(user_ids, now)
 
     async def _deliver(self, m: MessageRecord, session_id: str | None) -> None:
         """Publish the committed message; a fan-out failure never undoes a send."""
