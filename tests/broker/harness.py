@@ -22,8 +22,8 @@ from securecollab.broker.config import BrokerConfig
 from securecollab.broker.core import Broker
 from securecollab.broker.errors import AuthenticationFailed
 from securecollab.broker.hooks import BrokerHooks, Credentials, Identity
-from securecollab.transport.tcp import serve_stomp_tcp
 from securecollab.transport.front import serve_front
+from securecollab.transport.tcp import serve_stomp_tcp
 from securecollab.transport.websocket import StompWebSocketASGI
 
 USERS = ("alice", "bob", "carol", "dave")
