@@ -13,6 +13,24 @@ def now_ms() -> int:
 
 
 _last_v7 = 0
+_RANDOM_POOL_BYTES = 4096
+_random_pool = b""
+_random_at = 0
+
+
+def _random_74() -> int:
+    """74 bits from the OS CSPRNG, drawn 4 KiB at a time.
+
+    Why buffered: `os.urandom` releases the GIL for its system call, and on the event
+    loop thread (one id per message) getting it back meant waiting for whichever store
+    or worker thread took it meanwhile: ~10 % of a 1:1 send's time in profiles.
+    """
+    global _random_pool, _random_at
+    at = _random_at
+    if at + 10 > len(_random_pool):
+        _random_pool, at = os.urandom(_RANDOM_POOL_BYTES), 0
+    _random_at = at + 10
+    return int.from_bytes(_random_pool[at : at + 10], "big") & ((1 << 74) - 1)
 
 
 def uuid7() -> str:
@@ -22,8 +40,8 @@ def uuid7() -> str:
     random bits are replaced by a counter continuing from the previous id.
     """
     global _last_v7
-    ms = now_ms()
-    rand = int.from_bytes(os.urandom(10), "big") & ((1 << 74) - 1)
+    ms = time.time_ns() // 1_000_000
+    rand = _random_74()
     rand_a, rand_b = rand >> 62, rand & ((1 << 62) - 1)
     value = (ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
     if value <= _last_v7:
@@ -35,7 +53,8 @@ def uuid7() -> str:
                 prev = (prev & ~(0xF << 76)) | (0x7 << 76)
         value = prev
     _last_v7 = value
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"  # str(uuid.UUID(int=value)) without building a UUID object
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def new_id() -> str:
