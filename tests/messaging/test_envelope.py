@@ -72,6 +72,17 @@ def test_bad_base64_and_sizes() -> None:
     assert "encryptedContent is required" in reason({"to": "b@x", "iv": b64(12)})
 
 
+def test_only_canonical_standard_base64_is_accepted() -> None:
+    # what `base64.b64decode(validate=True)` refused is still refused
+    for bad in ("QUJD\nREVG", "QUJD REVG", "QUJD-_VG", "QUJDé", "QUI", "QUI==", "QQ===", "=QUJD",
+                "QQ==QUJD", "QU=JD"):  # fmt: skip
+        assert "encryptedContent is not valid base64" in reason(good(encryptedContent=bad)), bad
+    for ok in ("QQ==", "QUI=", "QUJD", "QUJDREVG"):
+        env = parse_envelope(good(encryptedContent=ok), max_content_bytes=MAX)
+        assert env.encrypted_content == ok  # kept exactly as sent
+    assert "encryptedContent is larger than 2 bytes" in reason(good(encryptedContent="QUJD"), 2)
+
+
 def test_keys_shape_count_and_size() -> None:
     assert "keys must be an object" in reason(good(keys=["a"]))
     assert "keys[d1] is not valid base64" in reason(good(keys={"d1": "***"}))
