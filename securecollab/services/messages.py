@@ -68,6 +68,9 @@ RECIPIENT_CACHE_TTL_S = 2.0  # how long "this recipient exists" is trusted witho
 RECIPIENT_CACHE_MAX = 10_000  # users remembered; the oldest entry goes first
 NOT_QUEUED_MAX = 32_768  # (user, message) pairs remembered as never queued (~6 MB at most)
 
+# compact JSON, one encoder for every call (json.dumps with options builds one per call)
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
 
 def channel_topic(channel_id: str) -> str:
     """The STOMP topic a channel's messages are delivered on."""
@@ -93,7 +96,7 @@ def message_json(m: MessageRecord) -> dict[str, Any]:
 
 def message_body(m: MessageRecord) -> bytes:
     """A delivery body: compact UTF-8 JSON of `message_json`."""
-    return json.dumps(message_json(m), separators=(",", ":")).encode()
+    return _compact_json(message_json(m)).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +286,7 @@ class MessageService:
             topic=MESSAGES_TOPIC,
             key=message.id,
             # Metadata only: the event log has no use for ciphertext it cannot read.
-            payload=json.dumps(
+            payload=_compact_json(
                 {
                     "id": message.id,
                     "from": sender_id,
@@ -291,8 +294,7 @@ class MessageService:
                     "channelId": env.channel_id,
                     "createdAt": now,
                     "contentBytes": len(env.encrypted_content) * 3 // 4,
-                },
-                separators=(",", ":"),
+                }
             ).encode(),
             created_at=now,
         )
