@@ -12,8 +12,9 @@ Hooks filled here (see `securecollab/broker/__init__.py`):
 - `initial_messages`: the user's offline queue, oldest first, delivered on SUBSCRIBE
   to `/user/queue/private` before live messages;
 - `on_delivered`: remove delivered messages from the offline queue (delete on ack),
-  skipping the store for messages this process knows were never queued for that user
-  (`MessageService.may_be_queued`);
+  skipping the store for messages this process knows were never queued for that user;
+- `delivered_filter`: that skip, synchronously (`MessageService.may_be_queued`), so
+  the broker reports a delivered live message only when it may have a queue entry;
 - `on_undelivered`: queue private messages that did not reach the client (at-least-once);
 - `peers_of`: users sharing a channel or conversation (presence visibility).
 """
@@ -55,6 +56,7 @@ class StompChat:
         hooks.channel_members = self.channel_members
         hooks.initial_messages = self.initial_messages
         hooks.on_delivered = self.delivered
+        hooks.delivered_filter = self.messages.may_be_queued
         hooks.on_undelivered = self.messages.hand_back
         hooks.peers_of = self.store.peers_of
         broker.register_app_handler(SEND_DESTINATION, app_handler(self.send))
@@ -72,7 +74,10 @@ class StompChat:
         return set((await self.messages.members.get(channel_id)).ids)
 
     async def delivered(self, user_id: str, message_ids: list[str]) -> None:
-        """Broker hook: ack delivered messages in the offline queue (those that may be there)."""
+        """Broker hook: ack delivered messages in the offline queue (those that may be there).
+
+        Filtering again is harmless: `may_be_queued` keeps every id it does not know.
+        """
         await self.offline.delivered(user_id, self.messages.may_be_queued(user_id, message_ids))
 
     async def initial_messages(self, user_id: str) -> list[InitialMessage]:
