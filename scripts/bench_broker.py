@@ -3,11 +3,13 @@
 
     .venv/bin/python scripts/bench_broker.py [--messages 5000] [--subscribers 4]
 
-Runs an in-process broker (memory backplane, permissive ACL, TCP listener + the /ws
-door under hypercorn) and raw-STOMP clients in the same trio process, so client and server
-share the CPU: read the numbers as a floor. `--ws-quart` adds rows for the former /ws
-door (a quart-trio websocket route, kept here only as the comparison), `--trio-ws` rows
-for /ws served by trio-websocket on a port of its own (not offered to users). Reports:
+Runs an in-process broker (memory backplane, permissive ACL, TCP listener + the HTTP
+port's front door, `transport/front.py`) and raw-STOMP clients in the same trio process,
+so client and server share the CPU: read the numbers as a floor. `--asgi` adds rows for
+the raw ASGI door under hypercorn (what serves an upgrade that follows a keep-alive HTTP
+request, and what served every /ws before the front door), `--ws-quart` rows for the
+former quart-trio websocket route, `--trio-ws` rows for /ws served by trio-websocket on a
+port of its own (neither offered to users). Reports:
 - fan-out: one publisher SENDs N messages to /topic/bench (no receipts, one final
   receipt as a barrier); S subscribers each receive all N. deliveries/s = N*S / time.
 - round trips: sequential SEND with receipt to /topic/rt (no subscribers), per second.
@@ -35,6 +37,7 @@ from securecollab.broker.config import AclRule, BrokerConfig
 from securecollab.broker.core import Broker
 from securecollab.broker.hooks import Credentials, Identity
 from securecollab.broker.session import Outbound, TransportClosed
+from securecollab.transport.front import serve_front
 from securecollab.transport.tcp import serve_stomp_tcp
 from securecollab.transport.websocket import (
     StompWebSocketASGI,
@@ -226,7 +229,7 @@ async def bench(kind: str, nursery: trio.Nursery, port: int, n: int, subs: int) 
     )
 
 
-async def main(n: int, subs: int, ws_quart: bool, trio_ws: bool) -> None:
+async def main(n: int, subs: int, ws_quart: bool, trio_ws: bool, asgi: bool) -> None:
     acl = (AclRule("/topic/*", ("*",), ("*",)),)
     cfg = BrokerConfig(
         acl=acl,
@@ -241,13 +244,24 @@ async def main(n: int, subs: int, ws_quart: bool, trio_ws: bool) -> None:
     hc.accesslog = hc.errorlog = None
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(serve_stomp_tcp, broker, "127.0.0.1", 0)
-        binds = await nursery.start(lambda task_status: serve(app, hc, task_status=task_status))
+        binds = await nursery.start(
+            lambda task_status: serve_front(
+                app,
+                hc,
+                lambda: broker,
+                shutdown_trigger=trio.sleep_forever,
+                task_status=task_status,
+            )
+        )
         tcp_port = listeners[0].socket.getsockname()[1]
         http_port = int(binds[0].rsplit(":", 1)[1])
         await bench("tcp", nursery, tcp_port, n, subs)
-        if not ws_quart:
-            await bench("ws", nursery, http_port, n, subs)
-        else:  # alternate the doors twice: whichever runs first after TCP runs slower
+        await bench("ws", nursery, http_port, n, subs)
+        if asgi:  # the raw ASGI door under hypercorn (an upgrade after a keep-alive request)
+            binds = await nursery.start(lambda task_status: serve(app, hc, task_status=task_status))
+            await bench("wsasgi", nursery, int(binds[0].rsplit(":", 1)[1]), n, subs)
+        if ws_quart:
+            # alternate the doors twice: whichever runs first after TCP runs slower
             binds = await nursery.start(
                 lambda task_status: serve(quart_route(broker), hc, task_status=task_status)
             )
@@ -268,5 +282,6 @@ if __name__ == "__main__":
     p.add_argument("--subscribers", type=int, default=4)
     p.add_argument("--ws-quart", action="store_true", help="also measure the quart route")
     p.add_argument("--trio-ws", action="store_true", help="also measure a trio-websocket server")
+    p.add_argument("--asgi", action="store_true", help="also measure the raw ASGI door alone")
     a = p.parse_args()
-    trio.run(main, a.messages, a.subscribers, a.ws_quart, a.trio_ws)
+    trio.run(main, a.messages, a.subscribers, a.ws_quart, a.trio_ws, a.asgi)
