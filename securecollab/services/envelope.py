@@ -55,22 +55,29 @@ class Envelope:
     client_message_id: str | None
 
 
-def _b64_size(value: object, field: str, max_bytes: int) -> int:
-    """Decoded byte length of a standard-base64 string; InvalidInput when it is not one."""
+def _b64_size(value: object, field: str, max_bytes: int, key: str | None = None) -> int:
+    """Decoded byte length of a standard-base64 string; InvalidInput when it is not one.
+
+    `key`: the entry of `field` being checked (named in the error as `field[key]`).
+    """
     if not isinstance(value, str):
-        raise InvalidInput(f"{field} must be a base64 string")
+        raise InvalidInput(f"{_name(field, key)} must be a base64 string")
     # Reject by encoded length first so an oversize value is never decoded.
     if len(value) > 4 * ((max_bytes + 2) // 3):
-        raise InvalidInput(f"{field} is larger than {max_bytes} bytes")
+        raise InvalidInput(f"{_name(field, key)} is larger than {max_bytes} bytes")
     try:
         # strict_mode: the same refusals as `base64.b64decode(validate=True)` (characters
         # outside the alphabet, misplaced or missing padding) without its regex pass
         size = len(binascii.a2b_base64(value, strict_mode=True))
     except (binascii.Error, ValueError):  # ValueError: a non-ASCII str
-        raise InvalidInput(f"{field} is not valid base64") from None
+        raise InvalidInput(f"{_name(field, key)} is not valid base64") from None
     if size > max_bytes:
-        raise InvalidInput(f"{field} is larger than {max_bytes} bytes")
+        raise InvalidInput(f"{_name(field, key)} is larger than {max_bytes} bytes")
     return size
+
+
+def _name(field: str, key: str | None) -> str:
+    return field if key is None else f"{field}[{key}]"
 
 
 def _optional_str(obj: Mapping[str, Any], field: str, max_chars: int) -> str | None:
@@ -88,13 +95,13 @@ def parse_envelope(obj: object, *, max_content_bytes: int) -> Envelope:
     """Validate a decoded JSON value as a message envelope; raise InvalidInput with the reason."""
     if not isinstance(obj, Mapping):
         raise InvalidInput("the message must be a JSON object")
-    if PLAINTEXT_FIELDS & obj.keys():
-        raise InvalidInput(
-            "plaintext is not accepted: send encryptedContent, iv and keys",
-            code="plaintext_not_accepted",
-        )
-    unknown = sorted(str(k) for k in obj.keys() - KNOWN_FIELDS)
-    if unknown:
+    if not obj.keys() <= KNOWN_FIELDS:  # plaintext fields are not known fields either
+        if PLAINTEXT_FIELDS & obj.keys():
+            raise InvalidInput(
+                "plaintext is not accepted: send encryptedContent, iv and keys",
+                code="plaintext_not_accepted",
+            )
+        unknown = sorted(str(k) for k in obj.keys() - KNOWN_FIELDS)
         raise InvalidInput(f"unknown field(s): {', '.join(unknown)}")
 
     to = _optional_str(obj, "to", MAX_USER_ID_CHARS)
@@ -124,7 +131,7 @@ def parse_envelope(obj: object, *, max_content_bytes: int) -> Envelope:
         for key_id, wrapped in keys_in.items():
             if not isinstance(key_id, str) or not key_id or len(key_id) > MAX_KEY_ID_CHARS:
                 raise InvalidInput(f"keys: a key id must be 1..{MAX_KEY_ID_CHARS} characters")
-            if _b64_size(wrapped, f"keys[{key_id}]", MAX_WRAPPED_KEY_BYTES) == 0:
+            if _b64_size(wrapped, "keys", MAX_WRAPPED_KEY_BYTES, key_id) == 0:
                 raise InvalidInput(f"keys[{key_id}] is empty")
             keys[key_id] = wrapped
 
