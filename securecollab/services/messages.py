@@ -4,7 +4,9 @@
 call. Its order of work is the durability contract:
 
 1. validate the envelope (`services.envelope`) and authorize (recipient exists, or
-   the sender is a member of the channel);
+   the sender is a member of the channel). Both answers come from small caches: known
+   recipients (`KnownRecipients`, 2 s) and channel member ids
+   (`services.membership.ChannelMembers`, invalidated by every `ChannelService` change);
 2. ONE store call (`insert_message`) writes the message row, the offline-queue
    entries for recipients with no live session, and an outbox row (topic
    `chat.messages`, keyed by the message id) in one commit;
