@@ -31,23 +31,45 @@ class WriteOp(Generic[T]):
 
     `fn` receives the writer's connection: a sqlite3.Connection (and returns the result),
     or an asyncpg.Connection (and returns an awaitable of the result). `result`/`error` are
-    set by the writer; `done` is set on the trio thread once the batch's fate is known.
+    set by the writer; `complete()` is called on the trio thread once the batch's fate is
+    known, and wakes the task parked in `wait()` (directly: no Event per write).
     """
 
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("_done", "_task", "error", "fn", "result")
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
         self.result: T | None = None
         self.error: BaseException | None = None
-        self.done = trio.Event()
+        self._done = False
+        self._task: trio.lowlevel.Task | None = None
 
     async def wait(self) -> T:
-        """Wait until the op's batch is committed (or failed); return or raise its outcome."""
-        await self.done.wait()
+        """Wait until the op's batch is committed (or failed); return or raise its outcome.
+
+        One waiter per op. A cancelled wait raises Cancelled as usual; the write itself
+        still commits (or fails) with its batch.
+        """
+        if self._done:
+            await trio.lowlevel.checkpoint()
+        else:
+            self._task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
         if self.error is not None:
             raise self.error
         return self.result  # type: ignore[return-value]
+
+    def _abort(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def complete(self) -> None:
+        """Mark the outcome final and wake the waiter, if any. Call on the trio thread only."""
+        self._done = True
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
 
 
 class BatchPolicy:
@@ -80,15 +102,29 @@ class BatchPolicy:
         self._last_size = size
 
 
-def observe_batch(adapter: str, ops: list[WriteOp[Any]], seconds: float) -> None:
-    """Record one batch in Prometheus (thread-safe; called by the writer)."""
-    failed = sum(1 for op in ops if op.error is not None)
-    STORE_BATCH_SIZE.labels(adapter).observe(len(ops))
-    STORE_COMMIT_SECONDS.labels(adapter).observe(seconds)
-    if len(ops) - failed:
-        STORE_WRITES.labels(adapter, "ok").inc(len(ops) - failed)
-    if failed:
-        STORE_WRITES.labels(adapter, "error").inc(failed)
+class BatchMetrics:
+    """One adapter's Prometheus children, labelled once (`labels()` per batch costs a lock)."""
+
+    def __init__(self, adapter: str) -> None:
+        self.size = STORE_BATCH_SIZE.labels(adapter)
+        self.seconds = STORE_COMMIT_SECONDS.labels(adapter)
+        self.ok = STORE_WRITES.labels(adapter, "ok")
+        self.error = STORE_WRITES.labels(adapter, "error")
+
+    def observe(self, ops: list[WriteOp[Any]], seconds: float, *, failed: int | None) -> None:
+        """Record one batch (thread-safe; called by the writer).
+
+        `failed` is how many ops failed when the writer knows it (0 after a clean
+        optimistic pass); None makes it count the ops' errors.
+        """
+        if failed is None:
+            failed = sum(1 for op in ops if op.error is not None)
+        self.size.observe(len(ops))
+        self.seconds.observe(seconds)
+        if len(ops) - failed:
+            self.ok.inc(len(ops) - failed)
+        if failed:
+            self.error.inc(failed)
 
 
 def finish_batch(stats: StoreStats, ops: list[WriteOp[Any]], seconds: float) -> None:
@@ -99,7 +135,7 @@ def finish_batch(stats: StoreStats, ops: list[WriteOp[Any]], seconds: float) -> 
     if len(stats.last_batches) > BATCH_HISTORY:
         del stats.last_batches[0]
     for op in ops:
-        op.done.set()
+        op.complete()
 
 
 def monotonic() -> float:

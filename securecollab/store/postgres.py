@@ -48,11 +48,11 @@ from securecollab.store import (
 )
 from securecollab.store import rows as R
 from securecollab.store.groupcommit import (
+    BatchMetrics,
     BatchPolicy,
     WriteOp,
     finish_batch,
     monotonic,
-    observe_batch,
 )
 from securecollab.store.schema import pending
 
@@ -134,6 +134,7 @@ class PostgresStore:
         self.stats = StoreStats()
         self._loop = loop
         self._policy = BatchPolicy(batch_max, batch_wait_ms)
+        self._metrics = BatchMetrics(ADAPTER)
         self._read_pool_size = read_pool
         self._pool: asyncpg.Pool | None = None
         self._writer_conn: Conn | None = None
@@ -243,7 +244,7 @@ class PostgresStore:
     def _finish(self, batch: list[WriteOp[Any]], started: float) -> None:
         seconds = monotonic() - started
         self._policy.batch_done(len(batch))
-        observe_batch(ADAPTER, batch, seconds)
+        self._metrics.observe(batch, seconds, failed=None)
         finish_batch(self.stats, batch, seconds)
 
     async def _writer_connection(self) -> Conn:

@@ -53,9 +53,13 @@ def user_key(user_id: str) -> str:
     return ids.user_key(user_id)
 
 
+# one encoder for every call: json.dumps with options builds a new JSONEncoder each time
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def dumps(value: Mapping[str, str] | list[str] | tuple[str, ...]) -> str:
     """Compact JSON text for the JSON-as-TEXT columns (keys, settings, roles)."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return _ENCODER.encode(value)
 
 
 USER_COLUMNS = columns(UserRecord)

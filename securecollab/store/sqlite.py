@@ -8,6 +8,14 @@ trio thread in one `run_sync_soon`, which wakes every waiter. The batch first ru
 savepoints; if any op raises, the transaction is rolled back and the batch replayed with one
 SAVEPOINT per op, so a failing op (e.g. a unique violation -> `Conflict`) fails only itself.
 
+`insert_message`, the hot write, has a fast path in that optimistic pass: consecutive
+message ops of a batch run as ONE executemany per table (messages, direct_peers,
+offline_queue, outbox) instead of several statements per op, with no duplicate-check
+SELECT: a repeated (sender, clientMessageId) fails the messages INSERT on its unique index,
+which sends the batch to the per-op replay, where each op looks for its original first
+(created=False) exactly as before. The `direct_peers` upsert is skipped for a pair the
+writer saw committed (`_known_peers`): those rows are never deleted.
+
 Reads: a small pool of separate read-only connections used from `trio.to_thread`; in WAL
 mode they read the last committed snapshot and never wait for the writer.
 Nothing here blocks the trio thread.
@@ -21,7 +29,8 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, TypeVar
+from functools import partial
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -45,11 +54,11 @@ from securecollab.store import (
 )
 from securecollab.store import rows as R
 from securecollab.store.groupcommit import (
+    BatchMetrics,
     BatchPolicy,
     WriteOp,
     finish_batch,
     monotonic,
-    observe_batch,
 )
 from securecollab.store.schema import latest_version, pending
 
@@ -178,6 +187,7 @@ class SQLiteStore:
         self.path = path
         self.stats = StoreStats()
         self._policy = BatchPolicy(batch_max, batch_wait_ms)
+        self._metrics = BatchMetrics(ADAPTER)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer_conn: sqlite3.Connection | None = None
         self._writer_thread: threading.Thread | None = None
@@ -187,6 +197,10 @@ class SQLiteStore:
         self._read_limiter = trio.CapacityLimiter(read_pool)
         self._read_pool = read_pool
         self._closing = False
+        # Writer thread only. (user, peer) pairs whose two direct_peers rows are known to
+        # be committed (nothing deletes those rows), and the pairs the open batch adds.
+        self._known_peers: set[tuple[str, str]] = set()
+        self._new_peers: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ lifecycle (internal)
 
@@ -275,10 +289,13 @@ class SQLiteStore:
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[WriteOp[Any]]) -> None:
         started = monotonic()
+        failed: int | None = 0
         try:
             if not self._run_optimistic(conn, batch):
+                failed = None  # some op failed: count them
                 self._run_isolated(conn, batch)
         except Exception as exc:
+            failed = None
             if conn.in_transaction:
                 try:
                     conn.execute("ROLLBACK")
@@ -291,7 +308,7 @@ class SQLiteStore:
                     op.error = failure
         seconds = monotonic() - started
         self._policy.batch_done(len(batch))
-        observe_batch(ADAPTER, batch, seconds)
+        self._metrics.observe(batch, seconds, failed=failed)
         assert self._token is not None
         try:
             self._token.run_sync_soon(finish_batch, self.stats, batch, seconds)
@@ -307,18 +324,75 @@ class SQLiteStore:
         common batch pays nothing for the isolation it did not need. A failure of COMMIT
         itself raises (the whole batch fails, as it would with savepoints).
         """
+        new_peers = self._new_peers
+        new_peers.clear()
         conn.execute("BEGIN IMMEDIATE")
-        for op in batch:
-            try:
-                op.result = op.fn(conn)
-            except Exception:
-                for done in batch:
-                    done.result = None
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                return False
+        try:
+            end = len(batch)
+            i = 0
+            while i < end:
+                op = batch[i]
+                if type(op) is _MessageWrite:
+                    j = i + 1
+                    while j < end and type(batch[j]) is _MessageWrite:
+                        j += 1
+                    run = batch[i:j] if j - i < end else batch
+                    self._insert_messages(conn, cast("list[_MessageWrite]", run))
+                    i = j
+                else:
+                    op.result = op.fn(conn)
+                    i += 1
+        except Exception:
+            for done in batch:
+                done.result = None
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return False
         conn.execute("COMMIT")
+        if new_peers:
+            known = self._known_peers
+            if len(known) + 2 * len(new_peers) > KNOWN_PEERS_MAX:
+                known.clear()  # bounded: forgetting only costs a no-op upsert later
+            for a, b in new_peers:
+                known.add((a, b))
+                known.add((b, a))
         return True
+
+    def _insert_messages(self, conn: sqlite3.Connection, ops: list[_MessageWrite]) -> None:
+        """The optimistic pass of consecutive `insert_message` ops: one executemany a table.
+
+        No duplicate-check SELECT: a repeated (sender, clientMessageId) makes the messages
+        INSERT raise (unique index idx_messages_client_id), and the batch is replayed op by
+        op, where `_insert_message_alone` returns the original. The same holds for any
+        other failing row: every op's outcome is then decided by the per-op replay.
+        """
+        conn.executemany(_MESSAGE_INSERT, [R.message_params(op.message) for op in ops])
+        known = self._known_peers
+        new_peers = self._new_peers
+        peers: list[tuple[str, str, int]] = []
+        offline: list[tuple[str, str, int, int]] = []
+        events: list[tuple[Any, ...]] = []
+        for op in ops:
+            message = op.message
+            sender, recipient = message.sender_id, message.recipient_id
+            if recipient is not None and recipient != sender:
+                pair = (sender, recipient)
+                if pair not in known and pair not in new_peers:
+                    new_peers.add(pair)
+                    peers.append((sender, recipient, message.created_at))
+                    peers.append((recipient, sender, message.created_at))
+            if op.offline_for:
+                expires_at = op.expires_at
+                offline += [(u, message.id, message.created_at, expires_at) for u in op.offline_for]
+            if op.outbox:
+                events += [_outbox_params(e) for e in op.outbox]
+            op.result = InsertResult(message, created=True)
+        if peers:
+            conn.executemany(_PEERS_UPSERT, peers)
+        if offline:
+            conn.executemany(_OFFLINE_INSERT, offline)
+        if events:
+            conn.executemany(_OUTBOX_INSERT, events)
 
     def _run_isolated(self, conn: sqlite3.Connection, batch: list[WriteOp[Any]]) -> None:
         """Run the batch with one SAVEPOINT per op: a failing op rolls back only itself."""
@@ -346,9 +420,11 @@ class SQLiteStore:
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Queue `fn` for the writer thread; return its result once its batch committed."""
+        return await self._submit(WriteOp(fn))
+
+    async def _submit(self, op: WriteOp[T]) -> T:
         if self._closing or self._writer_thread is None:
             raise StoreUnavailable("the store is closed")
-        op: WriteOp[T] = WriteOp(fn)
         self._queue.put(op)
         return await op.wait()
 
@@ -680,42 +756,7 @@ class SQLiteStore:
         outbox: Sequence[OutboxRecord] = (),
     ) -> InsertResult:
         R.check_message(message)
-        offline = [(u, message.id, message.created_at, offline_expires_at) for u in offline_for]
-        events = [_outbox_params(e) for e in outbox]
-
-        def op(c: sqlite3.Connection) -> InsertResult:
-            if message.client_message_id is not None:
-                row = c.execute(
-                    f"SELECT {R.MESSAGE_COLUMNS} FROM messages"
-                    " WHERE sender_id = ? AND client_message_id = ?",
-                    (message.sender_id, message.client_message_id),
-                ).fetchone()
-                if row is not None:
-                    return InsertResult(R.message_from_row(row), created=False)
-            c.execute(
-                f"INSERT INTO messages ({R.MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                R.message_params(message),
-            )
-            if message.recipient_id is not None and message.recipient_id != message.sender_id:
-                c.executemany(
-                    "INSERT INTO direct_peers (user_id, peer_id, since) VALUES (?, ?, ?)"
-                    " ON CONFLICT (user_id, peer_id) DO NOTHING",
-                    [
-                        (message.sender_id, message.recipient_id, message.created_at),
-                        (message.recipient_id, message.sender_id, message.created_at),
-                    ],
-                )
-            if offline:
-                c.executemany(
-                    "INSERT INTO offline_queue (user_id, message_id, queued_at, expires_at)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, message_id) DO NOTHING",
-                    offline,
-                )
-            if events:
-                c.executemany(_OUTBOX_INSERT, events)
-            return InsertResult(message, created=True)
-
-        return await self._write(op)
+        return await self._submit(_MessageWrite(message, offline_for, offline_expires_at, outbox))
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
         row = await self._fetchone(
@@ -873,6 +914,78 @@ def _insert_token(c: sqlite3.Connection, t: RefreshTokenRecord) -> None:
 
 
 _OUTBOX_INSERT = f"INSERT INTO outbox ({R.OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+_MESSAGE_INSERT = f"INSERT INTO messages ({R.MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_MESSAGE_BY_CLIENT_ID = (
+    f"SELECT {R.MESSAGE_COLUMNS} FROM messages WHERE sender_id = ? AND client_message_id = ?"
+)
+_PEERS_UPSERT = (
+    "INSERT INTO direct_peers (user_id, peer_id, since) VALUES (?, ?, ?)"
+    " ON CONFLICT (user_id, peer_id) DO NOTHING"
+)
+_OFFLINE_INSERT = (
+    "INSERT INTO offline_queue (user_id, message_id, queued_at, expires_at)"
+    " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, message_id) DO NOTHING"
+)
+
+#: Bound on the writer's set of known direct_peers pairs (each pair counts twice).
+KNOWN_PEERS_MAX = 100_000
+
+
+class _MessageWrite(WriteOp[InsertResult]):
+    """A queued `insert_message`: what the caller passed, as it passed it.
+
+    The rows' parameters are made by the writer thread, not here: the trio thread runs the
+    event loop, while the writer's Python mostly overlaps the loop's system calls. `fn`
+    is the op on its own (`_insert_message_alone`: the per-op replay); the optimistic pass
+    runs consecutive message ops together (`SQLiteStore._insert_messages`).
+    """
+
+    __slots__ = ("expires_at", "message", "offline_for", "outbox")
+
+    def __init__(
+        self,
+        message: MessageRecord,
+        offline_for: Sequence[str],
+        offline_expires_at: int,
+        outbox: Sequence[OutboxRecord],
+    ) -> None:
+        # tuples: a caller whose wait is cancelled cannot change them under the writer
+        offline_for, outbox = tuple(offline_for), tuple(outbox)
+        # a partial of a plain function, not a bound method: no op -> fn -> op cycle, so
+        # an op is freed by its refcount when its waiter is done with it
+        super().__init__(
+            partial(_insert_message_alone, message, offline_for, offline_expires_at, outbox)
+        )
+        self.message = message
+        self.offline_for = offline_for
+        self.expires_at = offline_expires_at
+        self.outbox = outbox
+
+
+def _insert_message_alone(
+    message: MessageRecord,
+    offline_for: Sequence[str],
+    expires_at: int,
+    outbox: Sequence[OutboxRecord],
+    c: sqlite3.Connection,
+) -> InsertResult:
+    """One insert_message by itself: return the original of a repeated clientMessageId, or
+    insert the message, its direct_peers pair, offline-queue entries and outbox rows."""
+    if message.client_message_id is not None:
+        row = c.execute(
+            _MESSAGE_BY_CLIENT_ID, (message.sender_id, message.client_message_id)
+        ).fetchone()
+        if row is not None:
+            return InsertResult(R.message_from_row(row), created=False)
+    c.execute(_MESSAGE_INSERT, R.message_params(message))
+    sender, recipient, at = message.sender_id, message.recipient_id, message.created_at
+    if recipient is not None and recipient != sender:
+        c.executemany(_PEERS_UPSERT, [(sender, recipient, at), (recipient, sender, at)])
+    if offline_for:
+        c.executemany(_OFFLINE_INSERT, [(u, message.id, at, expires_at) for u in offline_for])
+    if outbox:
+        c.executemany(_OUTBOX_INSERT, [_outbox_params(e) for e in outbox])
+    return InsertResult(message, created=True)
 
 
 def _outbox_params(e: OutboxRecord) -> tuple[Any, ...]:

@@ -123,6 +123,84 @@ async def test_a_batch_replayed_after_a_failure_commits_each_write_once(store: S
     assert sorted(e.id for e in await store.fetch_outbox()) == sorted(m.id for m in sent)
 
 
+async def test_repeated_client_ids_in_one_batch_return_the_original(store: Store) -> None:
+    # A batch of message writes, some repeating a clientMessageId (of a stored message, or
+    # of another write in the same batch): each repeat gets the original back, created
+    # False, and writes nothing; every other write is stored once with its rows.
+    stored = message("a@example.com", to="b@example.com", client_id="c-stored")
+    await store.insert_message(stored, outbox=[outbox_for(stored)])
+    fresh = [message("a@example.com", to="b@example.com", client_id=f"c{i}") for i in range(5)]
+    repeat_stored = message("a@example.com", to="b@example.com", client_id="c-stored", at=T0 + 9)
+    repeat_fresh = message("a@example.com", to="b@example.com", client_id="c2", at=T0 + 9)
+    other_sender = message("b@example.com", to="a@example.com", client_id="c-stored")
+    order = [*fresh[:2], repeat_stored, *fresh[2:4], repeat_fresh, other_sender, fresh[4]]
+    outcomes: dict[str, tuple[bool, MessageRecord]] = {}
+
+    async def send(m: MessageRecord) -> None:
+        result = await store.insert_message(
+            m, offline_for=["b@example.com"], offline_expires_at=T0 + 1000, outbox=[outbox_for(m)]
+        )
+        outcomes[m.id] = (result.created, result.message)
+
+    async with trio.open_nursery() as nursery:
+        async with writer_held(store):
+            for m in order:
+                nursery.start_soon(send, m)
+                await wait_queued(store, order.index(m) + 1)  # keep the queue in this order
+    assert store.stats.last_batches[-1].size == len(order)
+
+    assert outcomes.pop(repeat_stored.id) == (False, stored)
+    assert outcomes.pop(repeat_fresh.id) == (False, fresh[2])
+    assert outcomes == {m.id: (True, m) for m in [*fresh, other_sender]}
+    history = await store.list_direct_messages("a@example.com", "b@example.com", Page())
+    assert sorted(m.id for m in history) == sorted(m.id for m in [stored, *fresh, other_sender])
+    assert await store.get_message(repeat_stored.id) is None
+    assert await store.get_message(repeat_fresh.id) is None
+    queued = await store.list_offline("b@example.com", now=0)
+    assert sorted(e.message.id for e in queued) == sorted(m.id for m in [*fresh, other_sender])
+    outbox = sorted(e.id for e in await store.fetch_outbox())
+    assert outbox == sorted(m.id for m in [stored, *fresh, other_sender])
+    assert await store.peers_of("a@example.com") == {"b@example.com"}
+
+
+async def test_a_pair_whose_message_failed_is_not_taken_as_known(store: Store) -> None:
+    # The writer may skip the direct_peers upsert of a pair it saw committed. A message
+    # that failed (here its outbox id is taken) in a batch that was replayed must not
+    # count: the pair's next message still records it.
+    taken = message("x@example.com", to="z@example.com")
+    await store.insert_message(taken, outbox=[outbox_for(taken)])
+    doomed = message("x@example.com", to="y@example.com")
+    neighbour = message("w@example.com", to="v@example.com")
+    errors: list[BaseException] = []
+
+    async def send_doomed() -> None:
+        try:
+            await store.insert_message(doomed, outbox=[outbox_for(taken)])  # outbox id taken
+        except Conflict as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        async with writer_held(store):
+            nursery.start_soon(send_doomed)
+            await wait_queued(store, 1)
+            nursery.start_soon(store.insert_message, neighbour)
+            await wait_queued(store, 2)
+    assert store.stats.last_batches[-1].size == 2
+    assert len(errors) == 1
+    assert await store.get_message(doomed.id) is None
+    assert await store.get_message(neighbour.id) == neighbour
+    assert await store.peers_of("y@example.com") == set()
+    assert await store.peers_of("x@example.com") == {"z@example.com"}
+
+    later = message("x@example.com", to="y@example.com")
+    assert (await store.insert_message(later)).created
+    assert await store.peers_of("y@example.com") == {"x@example.com"}
+    assert await store.peers_of("x@example.com") == {"y@example.com", "z@example.com"}
+    # and once known, further messages of the pair (either way) change nothing
+    await store.insert_message(message("y@example.com", to="x@example.com"))
+    assert await store.peers_of("y@example.com") == {"x@example.com"}
+
+
 async def test_reads_are_not_blocked_by_an_open_write_batch(store: Store) -> None:
     await store.create_user(user("before@example.com"))
     pending_id = new_id()
@@ -144,6 +222,33 @@ async def test_reads_are_not_blocked_by_an_open_write_batch(store: Store) -> Non
             assert await store.get_user("queued@example.com") is None
     assert await store.get_user(f"{pending_id}@x.y") is not None
     assert await store.get_user("queued@example.com") is not None
+
+
+async def test_a_cancelled_waiter_does_not_cancel_its_write(store: Store) -> None:
+    # The waiter gives up while its write is queued; the write still commits with its
+    # batch, and the batch's other waiters are woken as usual.
+    gone = message("a@example.com", to="b@example.com")
+    kept = message("a@example.com", to="b@example.com")
+    results: list[bool] = []
+
+    async def keep() -> None:
+        results.append((await store.insert_message(kept)).created)
+
+    async with trio.open_nursery() as nursery:
+        async with writer_held(store):
+            with trio.CancelScope() as scope:
+                nursery.start_soon(keep)
+                await wait_queued(store, 1)
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(store.insert_message, gone)
+                    await wait_queued(store, 2)
+                    scope.cancel()
+            assert scope.cancelled_caught
+    assert results == [True]
+    assert await store.get_message(gone.id) == gone
+    assert await store.get_message(kept.id) == kept
+    # a later write on the same store is served as usual
+    assert (await store.insert_message(message("b@example.com", to="a@example.com"))).created
 
 
 async def test_cancelled_reads_leave_the_pool_usable(store: Store) -> None:
