@@ -20,7 +20,8 @@ Workloads (STOMP over WebSocket, text frames, no compression, 127.0.0.1 only):
 The server under test runs as a subprocess (ours: `securecollab serve`, temp data
 dir, embedded defaults: SQLite + in-memory backplane) or is the local RabbitMQ
 (plugins enabled idempotently). The load comes from --workers separate processes
-(scripts/bench_lib/loadgen.py, asyncio + websockets); their own CPU use is printed.
+(scripts/bench_lib/loadgen.py: asyncio Protocols and a minimal RFC 6455 client, the
+same for both servers); their own CPU use is printed, also per delivered message.
 Latency = receive wall clock - send wall clock stamped inside the payload (one clock,
 one machine). Results: stdout, --json (default scripts/results/bench_results.json)
 and a PNG plot (--plot, default scripts/results/bench_latency.png).
@@ -499,9 +500,18 @@ def lat_summary(lat: list[float]) -> dict[str, float]:
     }
 
 
-def gen_cpu(res: list[dict[str, Any]]) -> str:
+def gen_cpu(res: list[dict[str, Any]], messages: int = 0) -> str:
+    """Load processes' CPU (% of one core, sum and per worker), and per message when given."""
     per = [r["cpu_s"] / r["wall_s"] * 100 for r in res]
-    return f"{sum(per):.0f}% ({'/'.join(f'{p:.0f}' for p in per)})"
+    out = f"{sum(per):.0f}% ({'/'.join(f'{p:.0f}' for p in per)})"
+    if messages:
+        out += f" {gen_us_per_msg(res, messages):.0f} us/msg"
+    return out
+
+
+def gen_us_per_msg(res: list[dict[str, Any]], messages: int) -> float:
+    """CPU of the load processes (from go to done) per delivered message, microseconds."""
+    return sum(r["cpu_s"] for r in res) / max(1, messages) * 1e6
 
 
 def run_direct(
@@ -588,9 +598,12 @@ def run_direct(
         "gen_lag_p99_ms": max(r["lag_ms_p99"] for r in stomp),
         "server_cpu_pct": sampler.cpu_pct,
         "server_rss_mib": sampler.max_rss,
-        "gen_cpu": gen_cpu(res),
+        "gen_cpu": gen_cpu(stomp, delivered),
+        "gen_us_per_msg": gen_us_per_msg(stomp, delivered),
         "errors": errors,
     }
+    if rest:
+        out["gen_cpu"] = gen_cpu(res)  # the REST worker's CPU is not per STOMP message
     out["sustainable"] = bool(
         delivered >= 0.95 * offered_total
         and out["delivered_per_s"] >= 0.95 * rate
@@ -674,7 +687,8 @@ def run_fanout(target: Target, args: argparse.Namespace, tmp: Path, run: str) ->
         "any_sub": lat_summary([x for r in res for x in r["lat_ms"]]),
         "server_cpu_pct": sampler.cpu_pct,
         "server_rss_mib": sampler.max_rss,
-        "gen_cpu": gen_cpu(res),
+        "gen_cpu": gen_cpu(res, deliveries),
+        "gen_us_per_msg": gen_us_per_msg(res, deliveries),
         "errors": errors,
     }
 
@@ -755,7 +769,7 @@ def print_direct(row: dict[str, Any], label: str) -> None:
 
 DIRECT_HEAD = (
     "  server    phase       offered  deliv/s     p50     p95     p99      max  rcpt99 "
-    " delivered/rcpt   lost  s.cpu  s.rss  load-gen cpu (sum, per worker)"
+    " delivered/rcpt   lost  s.cpu  s.rss  load-gen cpu (sum, per worker, per delivered msg)"
 )
 
 
