@@ -1,56 +1,59 @@
 """Raw STOMP over TCP (optionally TLS): `[stomp] host`/`port`, 0 disables.
 
-Outbound frames queued for a connection go out in one `send_all` (coalescing).
+Outbound frames queued for a connection go out in one write (coalescing); on a plain
+socket a frame produced while nothing is queued is written at once by the producing
+task (`sockio.SocketIO.write_nowait`, see `broker/session.py`).
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
 from securecollab.broker.core import Broker
-from securecollab.broker.session import Outbound, TransportClosed
+from securecollab.broker.session import Outbound
+from securecollab.transport.sockio import SocketIO, StreamIO
 
 log = logging.getLogger(__name__)
 
-RECEIVE_BYTES = 65_536
-
 
 class TcpConnection:
-    """A trio stream (plain or `trio.SSLStream`) as a broker `Connection`."""
+    """A TCP connection as a broker `Connection`: raw socket (plain) or a TLS stream."""
 
     transport = "tcp"
     bearer: str | None = None  # TCP has no upgrade request to carry a token
 
-    def __init__(self, stream: trio.abc.Stream, peer: str) -> None:
-        self._stream = stream
+    def __init__(self, io: SocketIO | StreamIO, peer: str) -> None:
+        self.io = io
         self.peer = peer
+        # Session's shortcut: write from the producing task when the socket takes it
+        self.send_nowait: Callable[[Sequence[Outbound]], bool] | None = (
+            self._send_nowait if io.direct else None
+        )
 
     async def receive(self) -> bytes | None:
-        try:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return None
-        return bytes(data) if data else None
+        return (await self.io.recv()) or None
+
+    def _send_nowait(self, items: Sequence[Outbound]) -> bool:
+        data = items[0].data if len(items) == 1 else b"".join([i.data for i in items])
+        return self.io.write_nowait(data)
 
     async def send(self, items: Sequence[Outbound]) -> None:
-        data = items[0].data if len(items) == 1 else b"".join(i.data for i in items)
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise TransportClosed(str(exc)) from exc
+        if items:
+            self.io.write_nowait(
+                items[0].data if len(items) == 1 else b"".join([i.data for i in items])
+            )
+        await self.io.flush()
 
     async def close(self, code: int) -> None:
-        with trio.move_on_after(1):
-            try:
-                await self._stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-        if isinstance(self._stream, trio.SSLStream):  # aclose may have been cut short
-            await trio.aclose_forcefully(self._stream.transport_stream)
+        if isinstance(self.io, SocketIO):
+            self.io.close()
+        else:
+            await self.io.aclose()
 
 
 def _peer_of(stream: trio.SocketStream) -> str:
@@ -85,13 +88,19 @@ async def serve_stomp_tcp(
 
     async def handler(stream: trio.SocketStream) -> None:
         peer = _peer_of(stream)
-        conn_stream: trio.abc.Stream = stream
+        io: SocketIO | StreamIO
         if tls is not None:
-            conn_stream = trio.SSLStream(stream, tls, server_side=True)
+            io = StreamIO(trio.SSLStream(stream, tls, server_side=True))
+        else:
+            # the plain socket leaves trio's stream: SocketIO drives it directly
+            io = SocketIO(socket.socket(fileno=stream.socket.detach()))
         try:
-            await broker.serve_connection(TcpConnection(conn_stream, peer))
+            await broker.serve_connection(TcpConnection(io, peer))
         except Exception:
             log.exception("STOMP connection from %s failed", peer)
-            await trio.aclose_forcefully(stream)
+            if isinstance(io, SocketIO):
+                io.close()
+            else:
+                await trio.aclose_forcefully(io.stream)
 
     await trio.serve_tcp(handler, port, host=host or None, task_status=task_status)
