@@ -27,6 +27,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
@@ -261,30 +262,32 @@ class SQLiteStore:
             conn.close()
 
     def _collect(self, batch: list[WriteOp[Any]]) -> bool:
-        """Add pending ops to `batch` per the policy; return True if the stop sentinel came."""
+        """Add pending ops to `batch` per the policy; return True if the stop sentinel came.
+
+        The linger is one sleep followed by a second drain, not a wait on the queue: a
+        writer blocked in `get` is woken (a futex wake, then a GIL hand-over) by every op
+        queued, where a sleeping one lets the stragglers queue for free.
+        """
         limit = self._policy.batch_max
+        if self._drain(batch, limit):
+            return True
+        linger = self._policy.linger_seconds(len(batch))
+        if linger > 0:
+            time.sleep(linger)
+            return self._drain(batch, limit)
+        return False
+
+    def _drain(self, batch: list[WriteOp[Any]], limit: int) -> bool:
+        """Move queued ops into `batch` (up to `limit`); True if the stop sentinel came."""
+        get = self._queue.get_nowait
         while len(batch) < limit:
             try:
-                item = self._queue.get_nowait()
+                item = get()
             except queue.Empty:
-                break
+                return False
             if item is _STOP:
                 return True
             batch.append(item)
-        linger = self._policy.linger_seconds(len(batch))
-        if linger > 0:
-            deadline = monotonic() + linger
-            while len(batch) < limit:
-                remaining = deadline - monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    item = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    return True
-                batch.append(item)
         return False
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[WriteOp[Any]]) -> None:
