@@ -43,6 +43,7 @@ import random
 import resource
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -1074,8 +1075,20 @@ def ready(n: int) -> None:
 
 
 async def wait_go(fut: asyncio.Future[float]) -> None:
+    # A daemon thread, not the default executor: when the setup fails (a refused or
+    # hung connection), asyncio.run must not wait for a "go" line that never comes.
     loop = asyncio.get_running_loop()
-    line = await loop.run_in_executor(None, sys.stdin.readline)
+    got: asyncio.Future[str] = loop.create_future()
+
+    def deliver(line: str) -> None:
+        if not got.done():
+            got.set_result(line)
+
+    def read() -> None:
+        loop.call_soon_threadsafe(deliver, sys.stdin.readline())
+
+    threading.Thread(target=read, daemon=True).start()
+    line = await got
     t0 = float(line.split()[1]) if line.startswith("go ") else time.time()
     await asyncio.sleep(max(0.0, t0 - time.time()))  # every worker starts at the same t0
     fut.set_result(t0)
