@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -433,6 +435,22 @@ def start_rabbit(n_users: int) -> Target:
 
 
 # ----------------------------------------------------------------------------- phases
+
+
+def unless_skipped(
+    target: Target,
+    connections: int,
+    bucket: dict[str, Any],
+    run_it: Callable[[], dict[str, Any]],
+) -> dict[str, Any] | None:
+    """Run a workload holding `connections` and record it in `bucket`; None if skipped."""
+    why = target.cannot_hold(connections)
+    if why is not None:
+        print(f"  {why}")
+        bucket[target.name] = {"skipped": why}
+        return None
+    bucket[target.name] = result = run_it()
+    return result
 
 
 class Workers:
@@ -948,14 +966,12 @@ def main(argv: list[str] | None = None) -> int:
                         f" {args.fanout_subs} subscribers, {args.fanout_rate:g} msg/s for"
                         f" {args.fanout_duration:g} s"
                     )
-                    why = target.cannot_hold(args.fanout_subs + 1)
-                    if why is not None:
-                        print(f"  {why}")
-                        results["fanout"][name] = {"skipped": why}
-                        f = None
-                    else:
-                        f = run_fanout(target, args, tmp, run)
-                        results["fanout"][name] = f
+                    f = unless_skipped(
+                        target,
+                        args.fanout_subs + 1,
+                        results["fanout"],
+                        functools.partial(run_fanout, target, args, tmp, run),
+                    )
                 if 2 in wl and f is not None:
                     print(
                         f"  deliveries {f['deliveries']}/{f['expected_deliveries']}"
@@ -975,14 +991,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"\n[{name}] workload 3: {args.idle} idle connections, heart-beat"
                         f" 10000,10000, held {args.hold:g} s"
                     )
-                    why = target.cannot_hold(args.idle)
-                    if why is not None:
-                        print(f"  {why}")
-                        results["idle"][name] = {"skipped": why}
-                        i = None
-                    else:
-                        i = run_idle(target, args, tmp)
-                        results["idle"][name] = i
+                    i = unless_skipped(
+                        target,
+                        args.idle,
+                        results["idle"],
+                        functools.partial(run_idle, target, args, tmp),
+                    )
                 if 3 in wl and i is not None:
                     print(
                         f"  connected {i['connected']}/{i['requested']} in {i['connect_s']:.1f} s"
