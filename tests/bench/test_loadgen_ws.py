@@ -106,10 +106,16 @@ def test_server_close_is_reported_and_echoed() -> None:
     assert with_server(handler, client) == "closed by server 4000 bye"
 
 
-def raw_server_test(response: Callable[[bytes], bytes]) -> str:
-    """A hand-written server answering the upgrade with response(request); the error."""
+def raw_server_test(
+    response: Callable[[bytes], bytes],
+    use: Callable[[Any], Awaitable[str | None]] | None = None,
+) -> str | None:
+    """A hand-written server answering the upgrade with response(request).
 
-    async def main() -> str:
+    Returns the connection error, else what `use(connection)` returns, else "connected".
+    """
+
+    async def main() -> str | None:
         async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             req = await r.readuntil(b"\r\n\r\n")
             w.write(response(req))
@@ -120,7 +126,9 @@ def raw_server_test(response: Callable[[bytes], bytes]) -> str:
         server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
-            await loadgen.ws_connect(f"ws://127.0.0.1:{port}/ws", 5)
+            c = await loadgen.ws_connect(f"ws://127.0.0.1:{port}/ws", 5)
+            if use is not None:
+                return await use(c)
         except ConnectionError as exc:
             return str(exc)
         finally:
@@ -156,25 +164,14 @@ def test_handshake_refusals() -> None:
     masked = bytes((0x81, 0x81)) + b"\x00\x00\x00\x00x"
     # a masked frame from the server fails the connection (RFC 6455 5.1)
 
-    async def main() -> str | None:
-        async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            w.write(upgrade(accept_of(await r.readuntil(b"\r\n\r\n"))) + masked)
-            await w.drain()
-            await asyncio.sleep(1)
-            w.close()
+    async def read(c: Any) -> str | None:
+        with pytest.raises(ConnectionError):
+            await c.recv(5)
+        failure: str | None = c.failure
+        return failure
 
-        server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            c = await loadgen.ws_connect(f"ws://127.0.0.1:{port}/ws", 5)
-            with pytest.raises(ConnectionError):
-                await c.recv(5)
-            failure: str | None = c.failure
-            return failure
-        finally:
-            server.close()
-
-    assert asyncio.run(main()) == "masked frame from the server"
+    got = raw_server_test(lambda req: upgrade(accept_of(req)) + masked, read)
+    assert got == "masked frame from the server"
 
 
 def test_only_loopback_is_dialled() -> None:
