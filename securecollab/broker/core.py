@@ -260,24 +260,23 @@ class Broker:
         except Exception:
             log.exception("broker hook %s failed", name)
 
-    def to_report(self, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Of these delivered (user_id, message_id), those `on_delivered` must hear of."""
-        keep = self.hooks.delivered_filter
-        out: list[tuple[str, str]] = []
-        for user_id, message_id in items:
-            if keep(user_id, [message_id]):
-                out.append((user_id, message_id))
-        return out
-
-    async def delivered(self, items: list[tuple[str, str]]) -> None:
-        """Report messages of /user/queue/private that reached their client."""
+    def to_report(self, items: list[tuple[str, str]]) -> dict[str, list[str]]:
+        """Of these delivered (user_id, message_id), those `on_delivered` must hear of,
+        by user (`hooks.delivered_filter`, once per user)."""
         by_user: dict[str, list[str]] = {}
         for user_id, message_id in items:
             by_user.setdefault(user_id, []).append(message_id)
+        keep = self.hooks.delivered_filter
+        return {u: kept for u, ids in by_user.items() if (kept := keep(u, ids))}
+
+    async def report_delivered(self, by_user: dict[str, list[str]]) -> None:
+        """Tell `on_delivered` about what `to_report` kept."""
         for user_id, ids in by_user.items():
-            ids = self.hooks.delivered_filter(user_id, ids)
-            if ids:
-                await self._call_hook("on_delivered", self.hooks.on_delivered(user_id, ids))
+            await self._call_hook("on_delivered", self.hooks.on_delivered(user_id, ids))
+
+    async def delivered(self, items: list[tuple[str, str]]) -> None:
+        """Report messages of /user/queue/private that reached their client."""
+        await self.report_delivered(self.to_report(items))
 
     # ------------------------------------------------------------------ SEND
     def authorize_send(self, session: Session, destination: str) -> Destination:

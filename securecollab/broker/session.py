@@ -170,7 +170,7 @@ class Session:
         self._wake = trio.Event()
         self._send_nowait = getattr(conn, "send_nowait", None)
         self._writer_idle = False  # the writer waits for work (a direct write may go)
-        self._to_report: list[tuple[str, str]] = []  # written, on_delivered not yet told
+        self._to_report: dict[str, list[str]] = {}  # written, on_delivered not yet told
         self._timer_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._reader_scope: trio.CancelScope | None = None
@@ -589,7 +589,8 @@ class Session:
         if delivered:
             report = self.broker.to_report(delivered)
             if report:
-                self._to_report.extend(report)
+                for user_id, ids in report.items():
+                    self._to_report.setdefault(user_id, []).extend(ids)
                 self._wake.set()
 
     def slow_consumer(self) -> None:
@@ -697,8 +698,8 @@ class Session:
                     self._writer_idle = False
                 self._wake = trio.Event()
             if self._to_report:
-                report, self._to_report = self._to_report, []
-                await self.broker.delivered(report)
+                report, self._to_report = self._to_report, {}
+                await self.broker.report_delivered(report)  # filtered in `_written`
                 continue
             batch = list(self._out)
             self._out.clear()
