@@ -123,6 +123,38 @@ async def test_a_batch_replayed_after_a_failure_commits_each_write_once(store: S
     assert sorted(e.id for e in await store.fetch_outbox()) == sorted(m.id for m in sent)
 
 
+@pytest.mark.parametrize("n", [1, 5, 85, 130])
+async def test_one_batch_of_many_messages_stores_every_row_once(store: Store, n: int) -> None:
+    # SQLite writes a batch's rows with multi-row INSERTs of a few fixed sizes (64, 16,
+    # 4, 1 rows): 85 = 64 + 16 + 4 + 1 and 130 = 2 x 64 + 2 x 1 use every size. Each
+    # message must land once with its own values, offline entry and outbox row.
+    senders = [f"s{i % 7}@example.com" for i in range(n)]
+    sent = [message(s, to="hub@example.com", client_id=f"c{i}") for i, s in enumerate(senders)]
+
+    async def send(m: MessageRecord) -> None:
+        result = await store.insert_message(
+            m, offline_for=["hub@example.com"], offline_expires_at=T0 + 1000, outbox=[outbox_for(m)]
+        )
+        assert result.created and result.message == m
+
+    async with trio.open_nursery() as nursery:
+        async with writer_held(store):
+            for m in sent:
+                nursery.start_soon(send, m)
+            await wait_queued(store, n)
+
+    assert store.stats.last_batches[-1].size == n
+    stored: dict[str, MessageRecord] = {}
+    for s in set(senders):
+        for m in await store.list_direct_messages(s, "hub@example.com", Page(limit=200)):
+            stored[m.id] = m
+    assert stored == {m.id: m for m in sent}
+    queued = await store.list_offline("hub@example.com", now=0)
+    assert sorted(e.message.id for e in queued) == sorted(m.id for m in sent)
+    outbox = await store.fetch_outbox(limit=500)
+    assert sorted(e.id for e in outbox) == sorted(m.id for m in sent)
+
+
 async def test_repeated_client_ids_in_one_batch_return_the_original(store: Store) -> None:
     # A batch of message writes, some repeating a clientMessageId (of a stored message, or
     # of another write in the same batch): each repeat gets the original back, created
