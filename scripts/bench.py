@@ -116,23 +116,56 @@ def raise_nofile() -> int:
 # ----------------------------------------------------------------------------- /proc
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (our server's SQLite writer process, beam.smp's
+    helpers): a server's cost is the cost of all its processes."""
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent_of[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    family, frontier = [pid], [pid]
+    while frontier:
+        frontier = [p for p, pp in parent_of.items() if pp in frontier]
+        family += frontier
+    return family
+
+
 class ProcSampler:
-    """CPU (% of one core) and max RSS (MiB) of a process, sampled every 0.25 s."""
+    """CPU (% of one core) and max RSS (MiB) of a process and its descendants, sampled
+    every 0.25 s (RSS summed over the processes: shared pages count once per process)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.pids = descendants(pid)
         self.max_rss = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def cpu_ticks(self) -> int:
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # a helper process that exited
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        return total
 
     def rss_mib(self) -> float:
-        with open(f"/proc/{self.pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE / 2**20
+        total = 0.0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * PAGE / 2**20
+            except OSError:
+                if pid == self.pid:
+                    raise
+        return total
 
     def _run(self) -> None:
         while not self._stop.wait(0.25):

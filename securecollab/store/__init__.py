@@ -3,11 +3,12 @@
 Two adapters implement it and pass one contract suite (`tests/store/`):
 
 - `store/sqlite.py` (default): one SQLite file in WAL mode. All writes go through
-  ONE writer thread that group-commits: it takes every pending write (up to
+  ONE writer process (`store/sqlite_writer.py`, a child of the server: it shares no
+  GIL with the event loop) that group-commits: it takes every pending write (up to
   `[store] batch_max` or what arrived within `[store] batch_wait_ms`), runs them in
-  one transaction (consecutive message inserts as one executemany per table), commits
-  once, then wakes all waiters. Only when a write fails is the batch replayed with one
-  SAVEPOINT per write, so a failing write rolls back alone.
+  one transaction (consecutive message inserts as one multi-row INSERT per table),
+  commits once, then answers all of them at once. Only when a write fails is the batch
+  replayed with one SAVEPOINT per write, so a failing write rolls back alone.
   Reads run on their own connections in worker threads and never wait for the writer.
 - `store/postgres.py`: asyncpg under trio-asyncio; the same group commit through
   one writer task and one connection; a pool for reads.

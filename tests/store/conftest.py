@@ -9,15 +9,18 @@ can queue writes behind it or read while a write transaction is open.
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
 
-from securecollab.store import Store, open_store
+from securecollab.store import Store, open_store, sqlite_writer
 
 ADAPTERS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -43,8 +46,10 @@ def is_sqlite(store: Store) -> bool:
 
 async def raw_execute(store: Store, sql: str) -> None:
     """Run one SQL statement through the store's writer (test-only back door)."""
-    # sqlite3's execute returns a cursor; asyncpg's returns a coroutine the writer awaits
-    await store._write(lambda c: c.execute(sql))  # type: ignore[attr-defined]
+    if is_sqlite(store):  # the writer is another process: the op must pickle
+        await store._write(partial(sqlite_writer.execute_for_test, sql))  # type: ignore[attr-defined]
+    else:  # asyncpg's execute returns a coroutine the writer awaits
+        await store._write(lambda c: c.execute(sql))  # type: ignore[attr-defined]
 
 
 @asynccontextmanager
@@ -58,13 +63,20 @@ async def writer_held(store: Store, insert_sql: str | None = None) -> AsyncItera
     release = threading.Event()
     fn: Any
     if is_sqlite(store):
-
-        def fn(c: Any) -> None:
-            if insert_sql:
-                c.execute(insert_sql)
-            started.set()
-            release.wait(30)
-
+        # the writer is a process: it is held by an op that waits for a file
+        with tempfile.TemporaryDirectory(prefix="writer-held-") as tmp:
+            started_path, release_path = os.path.join(tmp, "started"), os.path.join(tmp, "go")
+            fn = partial(sqlite_writer.hold_for_test, insert_sql, started_path, release_path)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store._write, fn)  # type: ignore[attr-defined]
+                with trio.fail_after(30):
+                    while not await trio.Path(started_path).exists():  # noqa: ASYNC110
+                        await trio.sleep(0.002)
+                try:
+                    yield
+                finally:
+                    await trio.Path(release_path).touch()
+        return
     else:
 
         async def fn(c: Any) -> None:
@@ -88,7 +100,14 @@ async def writer_held(store: Store, insert_sql: str | None = None) -> AsyncItera
 
 
 async def wait_queued(store: Store, n: int) -> None:
-    """Wait until `n` writes are queued behind the (held) writer."""
+    """Wait until `n` writes are queued behind the (held) writer.
+
+    SQLite counts every write sent to its writer process and not answered yet, the held
+    one included; PostgreSQL only those waiting behind the batch in progress.
+    """
+    want = n + 1 if is_sqlite(store) else n
     with trio.fail_after(30):
-        while store._queued() < n:  # type: ignore[attr-defined]  # noqa: ASYNC110
+        while store._queued() < want:  # type: ignore[attr-defined]  # noqa: ASYNC110
             await trio.sleep(0.002)
+        # sent, not only queued here: the writer reads them all in its next batch
+        await trio.sleep(0.05)

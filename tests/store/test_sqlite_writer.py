@@ -1,0 +1,122 @@
+"""The SQLite writer process (`store/sqlite_writer.py`): its life beside the server.
+
+The contract suite covers what writes do; these cover what only a writer in another
+process can get wrong: it dying, signals meant for the server, writes that cannot be
+sent, a close with writes still on their way, and bytes arriving in any chunking.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from securecollab.store import Page, StoreError, StoreUnavailable, open_store
+from securecollab.store.sqlite_writer import FrameDecoder, encode_frame
+
+from .factories import message, user
+
+
+def _url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/db/writer.db"
+
+
+async def test_a_killed_writer_fails_writes_clearly_and_readiness(tmp_path: Path) -> None:
+    async with open_store(_url(tmp_path)) as store:
+        await store.migrate()
+        await store.create_user(user("before@example.com"))
+        os.kill(store._proc.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        with trio.fail_after(10):
+            while store._writer_gone is None:  # type: ignore[attr-defined]  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        with pytest.raises(StoreUnavailable, match="writer process exited"):
+            await store.create_user(user("after@example.com"))
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        # reads still answer from what was committed
+        assert await store.get_user("before@example.com") is not None
+    # closing a store whose writer died is quick and quiet
+
+
+async def test_the_writer_ignores_signals_meant_for_the_server(tmp_path: Path) -> None:
+    async with open_store(_url(tmp_path)) as store:
+        await store.migrate()
+        os.kill(store._proc.pid, signal.SIGINT)  # type: ignore[attr-defined]
+        os.kill(store._proc.pid, signal.SIGTERM)  # type: ignore[attr-defined]
+        await trio.sleep(0.2)
+        await store.create_user(user("still@example.com"))
+        await store.ping()
+
+
+async def test_a_write_that_cannot_be_sent_fails_alone(tmp_path: Path) -> None:
+    async with open_store(_url(tmp_path)) as store:
+        await store.migrate()
+        outcomes: dict[str, object] = {}
+
+        async def bad() -> None:
+            try:
+                await store._write(lambda c: c.execute("SELECT 1"))  # type: ignore[attr-defined]
+            except StoreError as exc:
+                outcomes["bad"] = exc
+
+        async def good() -> None:
+            await store.create_user(user("good@example.com"))
+            outcomes["good"] = True
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bad)
+            nursery.start_soon(good)
+        assert isinstance(outcomes["bad"], StoreError)
+        assert "cannot be sent" in str(outcomes["bad"])
+        assert outcomes["good"] is True
+        assert await store.get_user("good@example.com") is not None
+
+
+async def test_close_commits_writes_already_sent(tmp_path: Path) -> None:
+    sent = [message(f"u{i}@example.com", to="hub@example.com") for i in range(50)]
+    results: list[bool] = []
+    async with open_store(_url(tmp_path)) as store:
+        await store.migrate()
+
+        async def send(i: int) -> None:
+            results.append((await store.insert_message(sent[i])).created)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(sent)):
+                nursery.start_soon(send, i)
+    assert results == [True] * len(sent)
+    async with open_store(_url(tmp_path)) as store:
+        for m in sent:
+            page = await store.list_direct_messages(m.sender_id, "hub@example.com", Page())
+            assert [r.id for r in page] == [m.id]
+    # the writer process of each store is gone
+    assert store._proc.poll() is not None  # type: ignore[attr-defined]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.binary(max_size=300), min_size=1, max_size=8),
+    st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=40),
+)
+def test_frames_decode_under_any_chunking(objs: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(encode_frame(o) for o in objs)
+    decoder = FrameDecoder()
+    got: list[object] = []
+    pos = 0
+    for cut in cuts * (len(stream) // max(1, sum(cuts)) + 1):
+        got += decoder.feed(stream[pos : pos + cut])
+        pos += cut
+        if pos >= len(stream):
+            break
+    got += decoder.feed(stream[pos:])
+    assert got == objs
+
+
+def test_an_oversized_frame_header_is_refused() -> None:
+    with pytest.raises(ValueError, match="out of sync"):
+        list(FrameDecoder().feed(b"\xff\xff\xff\xff" + b"x"))
