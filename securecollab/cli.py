@@ -12,6 +12,7 @@ Use `config_parent()` as a parent parser to get `--config` on server-side comman
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import importlib
 import secrets
@@ -47,6 +48,28 @@ def settings_from_args(args: argparse.Namespace, **overrides: dict[str, Any]) ->
 # ----------------------------------------------------------------------------- commands
 
 
+#: Cyclic-GC thresholds for the server: a young collection after 20,000 net new
+#: container objects instead of 700, an older one every 20 of those.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a long-running server.
+
+    Why: almost everything the server allocates per message (frames, dicts, trio's
+    bookkeeping) is freed by reference counting, but with CPython's default threshold
+    (700) a young collection still ran ~20 times a second under load, each scanning
+    whatever was alive at that moment (~1 ms), and full collections took ~47 ms each:
+    ~3 % of the event loop and the worst latency spikes. `gc.freeze()` moves everything
+    built at startup (modules, config, the app) out of the collector's sight for good.
+    Workload 1 at 4,000 msg/s offered: p99 422 -> 162 ms (fixed phase), ramp step
+    1,236 -> 228 ms; GC ran 5 times in the run instead of 1,057 (scripts/bench.py).
+    Reference cycles are still collected, only less often.
+    """
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()
+
+
 def _serve(args: argparse.Namespace) -> int:
     http: dict[str, Any] = {}
     if args.host is not None:
@@ -59,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
     from securecollab.store import StoreError
 
     configure_logging(settings.server.log_level)
+    tune_gc()
     try:
         trio.run(main, settings)
     except KeyboardInterrupt:  # Ctrl-C before the signal handler was installed

@@ -38,6 +38,7 @@ finish what it read, reply if it still can, close the database and exit 0.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import select
@@ -379,6 +380,10 @@ def serve(path: str, batch_max: int, batch_wait_ms: float, fd_in: int = 0, fd_ou
     # still sends it writes. It ends on EOF, i.e. when the server closes or dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # as the server does (cli.tune_gc): the batches' records die by refcount; a young
+    # collection every 700 allocations would only rescan the batch in progress
+    gc.set_threshold(20_000, 20, 20)
+    gc.freeze()
     set_pipe_size(fd_in)
     try:
         conn = S._connect(path, read_only=False)

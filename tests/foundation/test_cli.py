@@ -165,3 +165,18 @@ async def test_user_add_then_serve_login_and_signal_shutdown(
     secret_file = tmp_path / "data" / "jwt_secret"
     assert secret_file.stat().st_mode & 0o777 == 0o600
     assert secret_file.read_text().strip() not in text
+
+
+def test_serve_tunes_the_garbage_collector() -> None:
+    import gc
+
+    from securecollab.cli import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0  # startup objects are out of the collector's sight
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
