@@ -39,11 +39,13 @@ def _finite_float(text: str) -> float:
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise BadJson(f"duplicate key {key[:64]!r}")
-        result[key] = value
+    result = dict(pairs)  # in C; a repeated key makes it shorter than `pairs`
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise BadJson(f"duplicate key {key[:64]!r}")
+            seen.add(key)
     return result
 
 

@@ -136,16 +136,18 @@ def app_handler(
 
 def json_body(frame: stomp.Frame, max_bytes: int = MAX_JSON_BODY) -> dict[str, Any]:
     """The frame's body as a JSON object; AppError otherwise."""
-    dest = frame.get("destination", "")
     if len(frame.body) > max_bytes:
+        dest = frame.get("destination", "")
         raise AppError(f"body too large for {dest}", f"at most {max_bytes} bytes")
     try:
         data = client_json.loads(frame.body)
     except client_json.BadJson as exc:
+        dest = frame.get("destination", "")
         raise AppError(
             f"invalid JSON body for {dest}: {exc}", "the body must be a JSON object"
         ) from None
     if not isinstance(data, dict):
+        dest = frame.get("destination", "")
         raise AppError(f"invalid JSON body for {dest}", "the body must be a JSON object")
     return data
 
