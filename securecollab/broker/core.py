@@ -58,6 +58,7 @@ handler that returns after its store commit makes the receipt mean "durable".
 # SENDs to these are cheap, never stored, and counted in their own window so that
 # typing indicators cannot eat a user's message budget.
 SIGNAL_DESTINATIONS = frozenset({"/app/typing", "/app/presence"})
+APP_TARGETS_MAX = 1024  # authorized /app destinations remembered (prefix handlers: any name)
 
 
 @dataclass(eq=False, slots=True)
@@ -100,6 +101,8 @@ class Broker:
         self._presence_viewers: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._app: dict[str, AppHandler] = {}
+        # authorized /app destinations as sent -> parsed (parse + checks once, not per SEND)
+        self._app_targets: dict[str, Destination] = {}
         self._shutting_down = False
         # At-least-once on /user/queue/private: message ids to hand back
         # (hooks.on_undelivered) and backplane registrations to remove, collected in
@@ -281,6 +284,9 @@ class Broker:
     # ------------------------------------------------------------------ SEND
     def authorize_send(self, session: Session, destination: str) -> Destination:
         """Classify and authorize a client SEND; raises BrokerError/Forbidden."""
+        target = self._app_targets.get(destination)
+        if target is not None:
+            return target  # an /app destination with a handler: the same for every user
         if destinations.server_only(destination):
             hint = (
                 "send chat messages to /app/chat/send" if destination.startswith("/topic/") else ""
@@ -294,6 +300,8 @@ class Broker:
                 raise BrokerError(
                     f"no handler for {destination}", "unknown application destination"
                 )
+            if len(self._app_targets) < APP_TARGETS_MAX:  # handlers are never removed
+                self._app_targets[destination] = target
         elif not acl_allows(self.config.acl, target.name, session.user_id, "send"):
             raise Forbidden(f"not allowed to send to {destination}")
         return target

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 from fnmatch import fnmatchcase
@@ -45,9 +46,12 @@ def _valid_segment_path(path: str) -> bool:
     """Non-empty, no empty or dot segments, no control characters or wildcards."""
     if not path or path.startswith("/") or path.endswith("/"):
         return False
-    if any(ord(c) < 0x20 or c in "*?[]#" for c in path):
+    if _BAD_CHAR.search(path) is not None:
         return False
-    return all(seg not in ("", ".", "..") for seg in path.split("/"))
+    return "//" not in path and not any(seg in (".", "..") for seg in path.split("/"))
+
+
+_BAD_CHAR = re.compile(r"[\x00-\x1f*?\[\]#]")  # control characters, wildcards
 
 
 def parse(destination: str, user_id: str) -> Destination:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -518,19 +519,21 @@ class Session:
         self, frame: stomp.Frame, delivered: tuple[str, str] | None = None
     ) -> Outbound | None:
         """Encode for this session's version; None if the frame cannot be sent at all."""
-        try:
-            data = stomp.encode(frame, self.version)
-        except ValueError:
-            # A sender on a newer version may relay headers this version cannot carry
-            # (1.0 escapes nothing: no CR/LF in values, no ":" in names; 1.1 has no CR).
-            # Per recipient: CR/LF in values become spaces, names that cannot be written
-            # are dropped; the other subscribers get the headers as sent.
+        data = _plain_encode(frame)
+        if data is None:
             try:
-                data = stomp.encode(_representable(frame, self.version), self.version)
-            except ValueError as exc:  # not from a relayed header: a bug, never a crash
-                log.error("cannot encode %s for STOMP %s: %s", frame.command, self.version, exc)
-                metrics.DROPS.labels("unencodable").inc()
-                return None
+                data = stomp.encode(frame, self.version)
+            except ValueError:
+                # A sender on a newer version may relay headers this version cannot carry
+                # (1.0 escapes nothing: no CR/LF in values, no ":" in names; 1.1 has no CR).
+                # Per recipient: CR/LF in values become spaces, names that cannot be
+                # written are dropped; the other subscribers get the headers as sent.
+                try:
+                    data = stomp.encode(_representable(frame, self.version), self.version)
+                except ValueError as exc:  # not from a relayed header: a bug, never a crash
+                    log.error("cannot encode %s for STOMP %s: %s", frame.command, self.version, exc)
+                    metrics.DROPS.labels("unencodable").inc()
+                    return None
         if self.config.ws_always_binary:
             text = False
         else:
@@ -768,6 +771,35 @@ def _message_headers(
         *(h for h in headers if h[0] not in RESERVED_HEADERS),
         ("content-length", str(len(body))),
     )
+
+
+# What some STOMP version escapes (1.1/1.2) or cannot carry (1.0) in a header name or value.
+_NOT_PLAIN = re.compile(r"[\\\r\n:\x00]")
+
+
+def _plain_encode(frame: stomp.Frame) -> bytes | None:
+    """`stomp.encode(frame, version)`, the same bytes for every version, when no header name
+    or value holds a character that some version escapes or refuses (every frame the
+    server writes on the hot path: MESSAGE, RECEIPT); None otherwise, for the caller to
+    encode the usual way. ~1 us less per frame than the general encoder.
+    """
+    body = frame.body
+    search = _NOT_PLAIN.search
+    parts = [frame.command]
+    has_length = False
+    for name, value in frame.headers:
+        if not name or search(name) is not None or search(value) is not None:
+            return None
+        if name == "content-length" and not has_length:
+            if value != str(len(body)):
+                return None  # the general encoder checks (or refuses) it
+            has_length = True
+        parts.append(f"{name}:{value}")
+    if body and not has_length:
+        parts.append(f"content-length:{len(body)}")
+    parts.append("")
+    parts.append("")
+    return "\n".join(parts).encode() + body + b"\x00"
 
 
 def _representable(frame: stomp.Frame, version: str) -> stomp.Frame:
