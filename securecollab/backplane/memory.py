@@ -159,8 +159,9 @@ class MemoryBackplane:
             sessions = self._subscribers.get(key)
             if sessions is None:
                 continue
-            for sid in [s for s, exp in sessions.items() if exp <= now_ms]:
-                del sessions[sid]  # a crashed node's registrations lapse here
+            if sessions and min(sessions.values()) <= now_ms:
+                for sid in [s for s, exp in sessions.items() if exp <= now_ms]:
+                    del sessions[sid]  # a crashed node's registrations lapse here
             if sessions:
                 found.add(user_id)
             else:
