@@ -420,7 +420,9 @@ class AuthService:
 
         Refused: any algorithm but HS512 (incl. `none`), bad signature, expired, `nbf`
         in the future, missing `sub`/`username`/`roles`/`iat`/`exp`/`jti`, unknown or
-        deleted user. Roles come from the store, so a role change applies at once.
+        deleted user, a session (`sid`) that was logged out or revoked
+        (`token_revoked`). Roles come from the store, so a role change applies at once.
+        STOMP sessions already connected with a token are not closed by its logout.
         """
         try:
             header = jwt.get_unverified_header(token)
@@ -457,6 +459,10 @@ class AuthService:
         if user is None or user.deleted_at is not None:
             raise Unauthorized("unknown or deleted user", code="invalid_token")
         sid = claims.get("sid")
+        if isinstance(sid, str) and await self._store.family_revoked(sid):
+            # logged out (or its refresh token was stolen and reused): the access
+            # token dies with the session, not an hour later when it expires
+            raise Unauthorized("session ended: log in again", code="token_revoked")
         return Principal(
             user_id=user.user_id,
             roles=user.roles,

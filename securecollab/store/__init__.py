@@ -229,6 +229,11 @@ class Store(Protocol):
 
     async def revoke_token_family(self, family_id: str, at: int) -> int: ...
 
+    async def family_revoked(self, family_id: str) -> bool:
+        """True once the family was revoked (logout, refresh-token reuse): its access
+        tokens stop working before they expire."""
+        ...
+
     # audit log ----------------------------------------------------------------
     async def append_audit(self, entry: AuditRecord) -> None: ...
 

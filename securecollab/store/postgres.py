@@ -496,6 +496,13 @@ class PostgresStore:
 
         return await self._write(op)
 
+    async def family_revoked(self, family_id: str) -> bool:
+        row = await self._fetchrow(
+            "SELECT 1 FROM refresh_tokens WHERE family_id = $1 AND revoked_at IS NOT NULL LIMIT 1",
+            family_id,
+        )
+        return row is not None
+
     # ------------------------------------------------------------------ audit log
 
     async def append_audit(self, entry: AuditRecord) -> None:

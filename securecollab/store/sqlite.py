@@ -567,6 +567,13 @@ class SQLiteStore:
             )
         )
 
+    async def family_revoked(self, family_id: str) -> bool:
+        row = await self._fetchone(
+            "SELECT 1 FROM refresh_tokens WHERE family_id = ? AND revoked_at IS NOT NULL LIMIT 1",
+            (family_id,),
+        )
+        return row is not None
+
     # ------------------------------------------------------------------ audit log
 
     async def append_audit(self, entry: AuditRecord) -> None:

@@ -83,10 +83,20 @@ async def test_register_login_me_refresh_logout(tmp_path: Path) -> None:
         assert pair["refreshToken"] != login["refreshToken"] and pair["expiresIn"] == 3600
         assert (await c.get("/api/users/me", headers=bearer(pair["token"]))).status_code == 200
 
+        other = (
+            await c.post(
+                "/api/auth/login", json={"username": "alice@example.com", "password": PASSWORD}
+            )
+        ).json()
         r = await c.post("/api/auth/logout", json={}, headers=bearer(pair["token"]))
         assert r.status_code == 200 and r.json() == {"success": True}
-        # the session is gone: its refresh token no longer works
+        # the session is gone: its refresh token no longer works, nor its access
+        # tokens (the one used to log out, and the one before the refresh), at once
         _assert_401(await c.post("/api/auth/refresh", json={"token": pair["refreshToken"]}))
+        _assert_401(await c.get("/api/users/me", headers=bearer(pair["token"])), "token_revoked")
+        _assert_401(await c.get("/api/users/me", headers=bearer(login["token"])), "token_revoked")
+        # another session (another login) of the same user is unaffected
+        assert (await c.get("/api/users/me", headers=bearer(other["token"]))).status_code == 200
 
         actions = [a.action for a in await srv.ctx.audit.list(actor="alice@example.com")]
         assert {"auth.register", "auth.login.success", "auth.logout"} <= set(actions)

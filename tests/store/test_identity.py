@@ -81,6 +81,9 @@ async def test_revoke_token_family(store: Store) -> None:
         assert got is not None and got.revoked_at == T0 + 99
     untouched = await store.get_refresh_token(c.token_hash)
     assert untouched is not None and untouched.revoked_at is None
+    assert await store.family_revoked(family) is True
+    assert await store.family_revoked(other) is False
+    assert await store.family_revoked(new_id()) is False  # no such family
 
     # a revoked token cannot be rotated
     assert await store.rotate_refresh_token(b.token_hash, token("x@y.z", family), T0) is False
