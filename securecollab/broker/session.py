@@ -132,6 +132,16 @@ class Subscription:
     # While `initial_messages` loads, live deliveries wait here (None afterwards).
     buffer: list[tuple[str, bytes, tuple[tuple[str, str], ...]]] | None = None
     queue: _Queue | None = None
+    # The fixed parts of this subscription's ack:auto MESSAGE frames, when its id and
+    # destination hold nothing to escape (`_auto_message`); None otherwise.
+    plain_head: tuple[str, str] | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if _NOT_PLAIN.search(self.id) is None and _NOT_PLAIN.search(self.destination) is None:
+            self.plain_head = (
+                f"MESSAGE\nsubscription:{self.id}\nmessage-id:",
+                f"\ndestination:{self.destination}\n",
+            )
 
 
 class Session:
@@ -307,7 +317,11 @@ class Session:
                 )
             accepted = await handler(self, frame)
             if receipt is not None and accepted and self.state is State.CONNECTED:
-                self.push_frame(stomp.Frame("RECEIPT", (("receipt-id", receipt),)))
+                if _NOT_PLAIN.search(receipt) is None:  # written as is by every version
+                    data = b"RECEIPT\nreceipt-id:%s\n\n\x00" % receipt.encode()
+                    self._push(Outbound(data, not self.config.ws_always_binary, "RECEIPT"))
+                else:
+                    self.push_frame(stomp.Frame("RECEIPT", (("receipt-id", receipt),)))
         except BrokerError as exc:
             self.fail(exc.message, exc.detail, receipt)
         await self.broker.flush()  # e.g. NACKed or unsubscribed private messages
@@ -534,15 +548,19 @@ class Session:
                     log.error("cannot encode %s for STOMP %s: %s", frame.command, self.version, exc)
                     metrics.DROPS.labels("unencodable").inc()
                     return None
+        return Outbound(data, self._is_text(frame.body), frame.command, delivered)
+
+    def _is_text(self, body: bytes) -> bool:
+        """May a WebSocket adapter send this body in a text message (valid UTF-8)?"""
         if self.config.ws_always_binary:
-            text = False
-        else:
-            try:
-                frame.body.decode("utf-8")
-                text = True
-            except UnicodeDecodeError:
-                text = False
-        return Outbound(data, text, frame.command, delivered)
+            return False
+        if body.isascii():
+            return True
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
 
     def push_frame(self, frame: stomp.Frame, delivered: tuple[str, str] | None = None) -> bool:
         """Queue a frame for the writer; False when it was not queued (closing or slow)."""
@@ -650,6 +668,17 @@ class Session:
                 return False
             metrics.deliveries(sub.target.kind.value).inc()
             return True
+        if sub.ack == "auto" and not redelivered:
+            data = _auto_message(sub, message_id, body, headers)
+            if data is not None:  # else: the general encoder below
+                if self.state is State.CLOSING:
+                    metrics.DROPS.labels("closing").inc()
+                    return False
+                delivered = (self.user_id, message_id) if track else None
+                if not self._push(Outbound(data, self._is_text(body), "MESSAGE", delivered)):
+                    return False
+                metrics.deliveries(sub.target.kind.value).inc()
+                return True
         out: list[tuple[str, str]] = [
             ("subscription", sub.id),
             ("message-id", message_id),
@@ -800,6 +829,49 @@ def _plain_encode(frame: stomp.Frame) -> bytes | None:
     parts.append("")
     parts.append("")
     return "\n".join(parts).encode() + body + b"\x00"
+
+
+_EXTRA_MAX = 256  # distinct delivery header tuples remembered by `_plain_extra`
+_extra_cache: dict[tuple[tuple[str, str], ...], str | None] = {}
+
+
+def _plain_extra(headers: tuple[tuple[str, str], ...]) -> str | None:
+    """The lines a MESSAGE carries for a delivery's own headers (reserved ones dropped),
+    or None when one needs escaping. Deliveries reuse a few header tuples: cached."""
+    try:
+        return _extra_cache[headers]
+    except KeyError:
+        pass
+    search = _NOT_PLAIN.search
+    lines: list[str] = []
+    text: str | None = None
+    for name, value in headers:
+        if name in RESERVED_HEADERS:
+            continue
+        if not name or search(name) is not None or search(value) is not None:
+            break
+        lines.append(f"{name}:{value}\n")
+    else:
+        text = "".join(lines)
+    if len(_extra_cache) < _EXTRA_MAX:
+        _extra_cache[headers] = text
+    return text
+
+
+def _auto_message(
+    sub: Subscription, message_id: str, body: bytes, headers: tuple[tuple[str, str], ...]
+) -> bytes | None:
+    """The ack:auto, not redelivered MESSAGE of `Session.deliver` (same headers, same order,
+    same bytes as `stomp.encode` in every version), written from the subscription's cached
+    parts; None when something needs escaping (then the general path encodes it)."""
+    head = sub.plain_head
+    if head is None or _NOT_PLAIN.search(message_id) is not None:
+        return None
+    extra = _plain_extra(headers)
+    if extra is None:
+        return None
+    text = f"{head[0]}{message_id}{head[1]}{extra}content-length:{len(body)}\n\n"
+    return text.encode() + body + b"\x00"
 
 
 def _representable(frame: stomp.Frame, version: str) -> stomp.Frame:
