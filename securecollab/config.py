@@ -142,6 +142,7 @@ class HttpSettings:
     cors_origins: tuple[str, ...] = field(default=(), metadata=_meta("CORS allow-list", _origins))
     rate_limit_user_per_min: int = field(default=100, metadata=_meta("per user", _range(1)))
     rate_limit_ip_per_min: int = field(default=1000, metadata=_meta("per IP", _range(1)))
+    metrics_token: str = field(default="", metadata=_meta("bearer token for /metrics"))
 
     @property
     def tls(self) -> bool:

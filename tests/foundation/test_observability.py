@@ -57,6 +57,23 @@ async def test_readyz_503_while_shutting_down(tmp_path: Path) -> None:
         assert r.status_code == 503 and r.json()["error"] == "shutting_down"
 
 
+async def test_metrics_token_when_configured(tmp_path: Path) -> None:
+    token = "m3trics-" + "x" * 24
+    async with (
+        running_server(tmp_path, http__metrics_token=token) as srv,
+        httpx.AsyncClient(base_url=srv.base_url) as c,
+    ):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": token}):
+            r = await c.get("/metrics", headers=headers)
+            assert r.status_code == 401, headers
+            assert r.json()["error"] == "unauthorized" and r.json()["detail"]
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        r = await c.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and "process_cpu_seconds_total" in r.text
+        # health stays public
+        assert (await c.get("/healthz")).status_code == 200
+
+
 async def test_metrics_counts_requests_and_exports_store_and_process(tmp_path: Path) -> None:
     async with running_server(tmp_path) as srv, httpx.AsyncClient(base_url=srv.base_url) as c:
         login = await register_and_login(c, "m@example.com")

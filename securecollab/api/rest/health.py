@@ -1,10 +1,17 @@
-"""Liveness, readiness and Prometheus metrics (public, not rate limited)."""
+"""Liveness, readiness and Prometheus metrics (not rate limited).
+
+`/healthz` and `/readyz` are public. `/metrics` is public unless `[http] metrics_token`
+is set; then it needs `Authorization: Bearer <that token>` (metrics tell who is busy:
+counts of sessions, messages and errors are not for the internet).
+"""
 
 from __future__ import annotations
 
+import hmac
+
 import trio
 from pydantic import BaseModel
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 from quart_schema import document_response, tag, validate_response
 
 from securecollab.api.rest.errors import error_response
@@ -51,7 +58,25 @@ async def readyz() -> StatusOut | Response:
 @bp.get("/metrics")
 @public
 @tag(["ops"])
+@document_response(ErrorBody, 401)
 async def metrics() -> Response:
-    """Prometheus text exposition: HTTP, store, broker and process metrics."""
-    m = app_ctx().metrics
+    """Prometheus text exposition: HTTP, store, broker and process metrics.
+
+    Needs `Authorization: Bearer <[http] metrics_token>` when that token is set.
+    """
+    ctx = app_ctx()
+    token = ctx.settings.http.metrics_token
+    if token:
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
+            return error_response(
+                401,
+                "unauthorized",
+                "GET /metrics needs Authorization: Bearer <[http] metrics_token>",
+                headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+            )
+    m = ctx.metrics
     return Response(m.render(), content_type=m.content_type)
