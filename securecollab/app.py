@@ -30,6 +30,7 @@ from securecollab.backplane.memory import MemoryBackplane
 from securecollab.config import Settings
 from securecollab.context import AppContext
 from securecollab.metrics import Metrics
+from securecollab.netaddr import trusted_networks
 from securecollab.services.audit import AuditService
 from securecollab.services.auth import AuthService, ensure_jwt_secret
 from securecollab.services.channels import ChannelService
@@ -175,6 +176,7 @@ async def serve_http(
             cfg,
             lambda: broker_of(ctx),
             shutdown_trigger=ctx.shutdown.wait,
+            trusted_proxies=trusted_networks(ctx.settings.http.trusted_proxies),
             task_status=task_status,
         )
 

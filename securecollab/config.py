@@ -82,6 +82,17 @@ def _origins(v: Any) -> str | None:
     return None
 
 
+def _networks(v: Any) -> str | None:
+    from securecollab.netaddr import parse_network
+
+    for entry in v:
+        try:
+            parse_network(entry)
+        except ValueError:
+            return f"{entry!r} is not an IP address or network like 10.0.0.0/8"
+    return None
+
+
 def _store_url(v: Any) -> str | None:
     if not v.startswith(("sqlite:", "postgresql:", "postgres:")):
         return "must start with sqlite: or postgresql:"
@@ -143,6 +154,9 @@ class HttpSettings:
     rate_limit_user_per_min: int = field(default=100, metadata=_meta("per user", _range(1)))
     rate_limit_ip_per_min: int = field(default=1000, metadata=_meta("per IP", _range(1)))
     metrics_token: str = field(default="", metadata=_meta("bearer token for /metrics"))
+    trusted_proxies: tuple[str, ...] = field(
+        default=(), metadata=_meta("reverse proxies whose X-Forwarded-For is used", _networks)
+    )
 
     @property
     def tls(self) -> bool:

@@ -44,6 +44,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 from securecollab.broker.core import Broker
 from securecollab.broker.session import Outbound, TransportClosed
+from securecollab.netaddr import Network, client_address
 from securecollab.transport import wscodec
 from securecollab.transport.sockio import SocketIO, StreamIO
 from securecollab.transport.websocket import WS_PATH, bearer_token, choose_subprotocol
@@ -191,8 +192,10 @@ class FrontDoor:
         get_broker: Callable[[], Broker],
         *,
         path: str = WS_PATH,
+        trusted_proxies: tuple[Network, ...] = (),
     ) -> None:
         self.app = wrap_app(app, config.wsgi_max_body_size, "asgi")
+        self.trusted_proxies = trusted_proxies
         self.config = config
         self.get_broker = get_broker
         self.path = path.encode("ascii")
@@ -237,7 +240,7 @@ class FrontDoor:
                 return
         conn = WsConnection(
             io,
-            peer,
+            client_address(peer, up.forwarded_for, self.trusted_proxies),
             bearer_token(up.authorization),
             max_message_bytes=self.max_message_bytes,
             initial=rest,
@@ -327,6 +330,7 @@ async def serve_front(
     get_broker: Callable[[], Broker],
     *,
     shutdown_trigger: Callable[[], Awaitable[Any]],
+    trusted_proxies: tuple[Network, ...] = (),
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` (ASGI) and STOMP over WebSocket on `config.bind` until `shutdown_trigger`.
@@ -335,7 +339,7 @@ async def serve_front(
     Shutdown as hypercorn's: stop accepting, let requests finish for
     `config.graceful_timeout`, then run the app's lifespan shutdown.
     """
-    door = FrontDoor(app, config, get_broker)
+    door = FrontDoor(app, config, get_broker, trusted_proxies=trusted_proxies)
     lifespan = Lifespan(door.app, config, door.lifespan_state)
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)

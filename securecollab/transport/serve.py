@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from securecollab.broker.core import Broker
+from securecollab.netaddr import trusted_networks
 from securecollab.transport.tcp import serve_stomp_tcp, tls_context
 from securecollab.transport.websocket import ASGIApp, StompWebSocketASGI
 
@@ -32,7 +33,11 @@ def broker_of(ctx: Any) -> Broker:
 
 def with_websocket(app: ASGIApp, ctx: Any) -> StompWebSocketASGI:
     """`app` with STOMP over WebSocket at `/ws` in front of it (raw ASGI, same HTTP port)."""
-    return StompWebSocketASGI(app, lambda: broker_of(ctx))
+    return StompWebSocketASGI(
+        app,
+        lambda: broker_of(ctx),
+        trusted_proxies=trusted_networks(ctx.settings.http.trusted_proxies),
+    )
 
 
 async def serve_stomp(

@@ -26,6 +26,7 @@ import trio
 
 from securecollab.broker.core import Broker
 from securecollab.broker.session import Outbound, TransportClosed
+from securecollab.netaddr import Network, client_address
 
 SUBPROTOCOLS = ("v12.stomp", "v11.stomp", "v10.stomp")
 WS_PATH = "/ws"
@@ -107,7 +108,13 @@ class WebSocketConnection:
                 pass
 
 
-async def serve_stomp_websocket(scope: Scope, receive: Receive, send: Send, broker: Broker) -> None:
+async def serve_stomp_websocket(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    broker: Broker,
+    trusted_proxies: tuple[Network, ...] = (),
+) -> None:
     """Handle one ASGI `websocket` scope: accept (subprotocol negotiated), run a session."""
     first = await receive()
     if first["type"] != "websocket.connect":  # disconnected before the handshake finished
@@ -120,6 +127,13 @@ async def serve_stomp_websocket(scope: Scope, receive: Receive, send: Send, brok
     )
     client = scope.get("client")
     peer = str(client[0]) if client else "unknown"  # bare host, like quart's Remote-Addr
+    if trusted_proxies:
+        forwarded = [
+            v.decode("latin-1")
+            for k, v in scope.get("headers", ())
+            if k.lower() == b"x-forwarded-for"
+        ]
+        peer = client_address(peer, ", ".join(forwarded) or None, trusted_proxies)
     conn = WebSocketConnection(receive, send, peer, bearer_token(_header(scope, b"authorization")))
     await broker.serve_connection(conn)
 
@@ -128,15 +142,23 @@ class StompWebSocketASGI:
     """ASGI wrapper: `websocket` scopes on `path` are STOMP sessions; the rest goes to `app`."""
 
     def __init__(
-        self, app: ASGIApp, get_broker: Callable[[], Broker], *, path: str = WS_PATH
+        self,
+        app: ASGIApp,
+        get_broker: Callable[[], Broker],
+        *,
+        path: str = WS_PATH,
+        trusted_proxies: tuple[Network, ...] = (),
     ) -> None:
         self.app = app
         self.get_broker = get_broker
         self.path = path
+        self.trusted_proxies = trusted_proxies
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         # Any: ASGI servers type their events each their own way (hypercorn: TypedDicts)
         if scope["type"] == "websocket" and scope.get("path") == self.path:
-            await serve_stomp_websocket(scope, receive, send, self.get_broker())
+            await serve_stomp_websocket(
+                scope, receive, send, self.get_broker(), self.trusted_proxies
+            )
             return
         await self.app(scope, receive, send)

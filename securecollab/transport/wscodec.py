@@ -55,6 +55,7 @@ class Upgrade:
     key: str
     subprotocols: tuple[str, ...]
     authorization: str | None
+    forwarded_for: str | None = None  # X-Forwarded-For (repeated headers joined by ", ")
 
 
 def parse_upgrade(head: bytes) -> Upgrade | None:
@@ -104,6 +105,7 @@ def parse_upgrade(head: bytes) -> Upgrade | None:
         key=key,
         subprotocols=tuple(protocols),
         authorization=headers.get("authorization"),
+        forwarded_for=headers.get("x-forwarded-for"),
     )
 
 

@@ -24,6 +24,7 @@ from securecollab.api.rest.errors import InvalidJson, InvalidParameter, NotJson,
 from securecollab.context import AppContext
 from securecollab.ids import now_ms
 from securecollab.log import request_id_var
+from securecollab.netaddr import client_address, trusted_networks
 from securecollab.services.auth import Principal
 from securecollab.services.errors import RateLimited, Unauthorized
 
@@ -68,8 +69,14 @@ def current_principal() -> Principal:
 
 
 def client_ip() -> str:
-    """The peer address (no proxy headers are trusted)."""
-    return request.remote_addr or "unknown"
+    """The client's address: the peer, or behind a trusted proxy its X-Forwarded-For
+    (`securecollab.netaddr`)."""
+    peer = request.remote_addr or "unknown"
+    trusted = app_ctx().settings.http.trusted_proxies
+    if not trusted:
+        return peer
+    forwarded = ", ".join(request.headers.getlist("X-Forwarded-For")) or None
+    return client_address(peer, forwarded, trusted_networks(trusted))
 
 
 class JsonRequest(TrioRequest):
