@@ -1,4 +1,5 @@
-# SecureCollab: one container, one process (`securecollab serve`).
+# SecureCollab: one container, one server (`securecollab serve`, plus the SQLite writer
+# process it starts and reaps itself).
 #   docker build -t securecollab .
 #   docker run -p 8080:8080 -p 61613:61613 -v securecollab-data:/data securecollab
 FROM python:3.11-slim
