@@ -349,9 +349,12 @@ class MessageService:
     def _created(self, m: MessageRecord, others: list[str], offline: list[str]) -> None:
         """Bookkeeping for a message this process committed, before its deliveries go
         out (their on_delivered may come at once)."""
-        if m.channel_id is None:
-            for user_id in {m.sender_id, *others} - set(offline):
-                self.not_queued.add(user_id, m.id)
+        if m.channel_id is None:  # the sender, and `others` (1:1: the recipient) but offline
+            add = self.not_queued.add
+            add(m.sender_id, m.id)
+            for user_id in others:
+                if user_id != m.sender_id and user_id not in offline:
+                    add(user_id, m.id)
 
     async def _after_cancel(
         self,
