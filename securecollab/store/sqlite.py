@@ -434,9 +434,10 @@ class SQLiteStore:
         proc = self._proc
         if proc is not None and proc.stdin is not None and self._writer_gone is None:
             with trio.move_on_after(WRITER_STOP_TIMEOUT_S) as scope:
-                if self._outgoing:
-                    requests, self._outgoing = self._outgoing, []
-                    await self._send(self._encode(requests))
+                # the flusher is the only task writing the pipe (two writers could
+                # interleave frames): wait until it sent everything and is parked again
+                while (self._outgoing or self._flusher is None) and self._writer_gone is None:  # noqa: ASYNC110
+                    await trio.sleep(0.001)
                 proc.stdin.close()  # EOF: the writer finishes, answers, exits
                 await self._writer_done.wait()
             if scope.cancelled_caught:

@@ -7,6 +7,8 @@ sent, a close with writes still on their way, and bytes arriving in any chunking
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -77,18 +79,30 @@ async def test_a_write_that_cannot_be_sent_fails_alone(tmp_path: Path) -> None:
         assert await store.get_user("good@example.com") is not None
 
 
-async def test_close_commits_writes_already_sent(tmp_path: Path) -> None:
-    sent = [message(f"u{i}@example.com", to="hub@example.com") for i in range(50)]
+@pytest.mark.parametrize("content_bytes", [0, 24_000])
+async def test_close_commits_writes_already_sent(tmp_path: Path, content_bytes: int) -> None:
+    # 400 x 32 KiB of base64 is far more than the pipe holds: the flusher is still
+    # sending when the store closes, and close must wait for it (never write itself)
+    n = 400 if content_bytes else 50
+    sent = [message(f"u{i}@example.com", to="hub@example.com") for i in range(n)]
+    if content_bytes:
+        big = base64.b64encode(os.urandom(content_bytes)).decode()
+        sent = [dataclasses.replace(m, encrypted_content=big) for m in sent]
     results: list[bool] = []
-    async with open_store(_url(tmp_path)) as store:
-        await store.migrate()
+    async with trio.open_nursery() as nursery:
+        async with open_store(_url(tmp_path)) as store:
+            await store.migrate()
 
-        async def send(i: int) -> None:
-            results.append((await store.insert_message(sent[i])).created)
+            async def send(i: int) -> None:
+                results.append((await store.insert_message(sent[i])).created)
 
-        async with trio.open_nursery() as nursery:
             for i in range(len(sent)):
                 nursery.start_soon(send, i)
+            with trio.fail_after(10):
+                while store._queued() < len(sent):  # type: ignore[attr-defined]
+                    await trio.lowlevel.checkpoint()
+            # leaving the block closes the store with every write submitted, most of
+            # them not yet sent to (or committed by) the writer
     assert results == [True] * len(sent)
     async with open_store(_url(tmp_path)) as store:
         for m in sent:
