@@ -15,7 +15,9 @@ from collections.abc import Iterator
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
-PG_ADMIN_URL = os.environ.get("SECURECOLLAB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "SECURECOLLAB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("SECURECOLLAB_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
