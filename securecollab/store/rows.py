@@ -133,3 +133,5 @@ def check_message(m: MessageRecord) -> None:
     """Refuse a message that is neither 1:1 nor channel (a caller bug, not client input)."""
     if (m.recipient_id is None) == (m.channel_id is None):
         raise ValueError("a message needs exactly one of recipient_id and channel_id")
+    if not m.id:  # the SQLite multi-row INSERT filters rows on their first column (id)
+        raise ValueError("a message needs an id")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sqlite3
 import subprocess
 import sys
@@ -80,11 +81,14 @@ WRITER_STOP_TIMEOUT_S = 30.0
 log = logging.getLogger(__name__)
 
 
-def _package_root() -> str:
-    """The directory holding the `securecollab` package this process runs."""
+def _python_path() -> str:
+    """PYTHONPATH for the writer: the directory of the `securecollab` package this
+    process runs first, then the inherited entries (no empty one: that is the cwd)."""
     import securecollab
 
-    return os.path.dirname(os.path.dirname(os.path.abspath(securecollab.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(securecollab.__file__)))
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([root, *rest])
 
 
 def path_from_url(url: str) -> str:
@@ -222,6 +226,8 @@ class SQLiteStore:
         self._next_op = 0
         self._outgoing: list[W.Request] = []  # requests of this scheduler tick, not yet sent
         self._flusher: trio.lowlevel.Task | None = None  # parked, waiting for requests
+        self._sending = False  # the flusher is writing a frame (never interleave another)
+        self._io_running = False  # the flusher and the receive loop are alive
         self._decoder = W.FrameDecoder()
 
     # ------------------------------------------------------------------ lifecycle (internal)
@@ -252,6 +258,7 @@ class SQLiteStore:
         self._proc = subprocess.Popen(
             [
                 sys.executable,
+                "-P",  # no cwd on sys.path: the child imports the parent's securecollab
                 "-m",
                 "securecollab.store.sqlite_writer",
                 self.path,
@@ -261,10 +268,7 @@ class SQLiteStore:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
-            env={
-                **os.environ,
-                "PYTHONPATH": _package_root() + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            },
+            env={**os.environ, "PYTHONPATH": _python_path()},
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._to_writer = self._proc.stdin.fileno()
@@ -274,22 +278,35 @@ class SQLiteStore:
         os.set_blocking(self._from_writer, False)
 
     async def _start_writer(self) -> None:
-        """Spawn the writer and wait for its "ready" (or its reason for not starting)."""
+        """Spawn the writer and wait for its "ready" (or its reason for not starting).
+
+        On failure, timeout or cancellation the writer is killed and reaped, and the
+        store is marked unusable before the exception propagates.
+        """
         await trio.to_thread.run_sync(self._spawn_writer)
         why = f"the SQLite writer process for {self.path} did not start"
-        with trio.move_on_after(WRITER_START_TIMEOUT_S):
-            answer = await self._first_answer()
-            if answer is not None and answer[0] == "ready":
-                return
-            if answer is not None:
-                why = str(answer[1])
-        assert self._proc is not None
-        if self._proc.poll() is None:
+        try:
+            with trio.move_on_after(WRITER_START_TIMEOUT_S):
+                answer = await self._first_answer()
+                if answer is not None and answer[0] == "ready":
+                    return
+                if answer is not None:
+                    why = str(answer[1])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._kill_writer(why)
+            raise
+        with trio.CancelScope(shield=True):
+            await self._kill_writer(why)
+        raise StoreUnavailable(why)
+
+    async def _kill_writer(self, why: str) -> None:
+        """Kill and reap the writer; fail every unanswered and later write with `why`."""
+        if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
         await self._reap()
         self._writer_died(why)
         self._writer_done.set()
-        raise StoreUnavailable(why)
 
     async def _first_answer(self) -> tuple[str, Any] | None:
         """The writer's first frame ("ready" or "error"), or None if it exited first."""
@@ -301,16 +318,27 @@ class SQLiteStore:
                 continue
             if not data:
                 return None
-            for answer in self._decoder.feed(data):
-                return cast("tuple[str, Any]", answer)
+            answers = self._decoder.feed(data)
+            if answers:
+                # a "batch" cannot come before "ready": nothing was sent yet
+                return cast("tuple[str, Any]", answers[0])
 
     async def _run_writer_io(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """The two tasks talking to the writer: send requests, receive batch outcomes."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._flush_loop)
-            task_status.started()
-            await self._receive_loop()
-            nursery.cancel_scope.cancel()
+        """The two tasks talking to the writer: send requests, receive batch outcomes.
+
+        `_opened` runs this shielded and cancels it only after `_close`: a cancellation
+        from outside (a second Ctrl-C, a timeout around the store) must not take the
+        writer's pipes away while close still needs them.
+        """
+        self._io_running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_loop)
+                task_status.started()
+                await self._receive_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._io_running = False
 
     async def _receive_loop(self) -> None:
         """Complete ops as their batches' outcomes arrive; on EOF fail what is left."""
@@ -327,8 +355,10 @@ class SQLiteStore:
                 for kind, detail in self._decoder.feed(data):
                     if kind == "batch":
                         self._batch_done(*detail)
-        except (OSError, ValueError) as exc:
-            log.error("SQLite writer process: %s", exc)
+        except Exception as exc:  # a broken protocol: this writer cannot be trusted
+            log.error("SQLite writer process: %r; stopping it", exc)
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
         code = await self._reap()
         self._writer_died(
             "the store is closed"
@@ -373,30 +403,67 @@ class SQLiteStore:
             op.complete()
 
     async def _flush_loop(self) -> None:
-        """Send the requests queued during one scheduler tick as one frame."""
+        """Send the requests queued during one scheduler tick (in frames of bounded size)."""
         while True:
             if not self._outgoing:
                 self._flusher = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._abort_flusher)
             requests, self._outgoing = self._outgoing, []
-            await self._send(self._encode(requests))
+            self._sending = True
+            try:
+                for frame in self._frames(requests):
+                    await self._send(frame)
+            finally:
+                self._sending = False
 
-    def _encode(self, requests: list[W.Request]) -> bytes:
-        """One frame of `requests`; a request that does not pickle fails alone."""
+    def _frames(self, requests: list[W.Request]) -> list[bytes]:
+        """`requests` as frames of at most `batch_max` requests and `W.FRAME_LIMIT` bytes.
+
+        A request that does not pickle, or is alone over the limit, fails alone.
+        """
+        frames: list[bytes] = []
+        step = self._batch_max
+        for i in range(0, len(requests), step):
+            self._split(requests[i : i + step], frames)
+        return frames
+
+    def _split(self, requests: list[W.Request], frames: list[bytes]) -> None:
+        data, good = self._encode(requests)
+        if len(data) <= W.FRAME_LIMIT or not good:
+            if good:
+                frames.append(data)
+            return
+        if len(good) == 1:
+            self._fail_request(good[0], StoreError("write too large for one frame to the writer"))
+            return
+        middle = len(good) // 2
+        self._split(good[:middle], frames)
+        self._split(good[middle:], frames)
+
+    def _encode(self, requests: list[W.Request]) -> tuple[bytes, list[W.Request]]:
+        """One frame of `requests`, and the requests in it (one that does not pickle
+        fails alone and is left out)."""
         try:
-            return W.encode_frame(requests)
+            return W.encode_frame(requests), requests
         except Exception:
             good: list[W.Request] = []
             for request in requests:
                 try:
                     W.encode_frame(request)
                 except Exception as exc:
-                    op = self._inflight.pop(request[0])
-                    op.error = StoreError(f"write op cannot be sent to the writer: {exc!r}")
-                    op.complete()
+                    self._fail_request(
+                        request, StoreError(f"write op cannot be sent to the writer: {exc!r}")
+                    )
                 else:
                     good.append(request)
-            return W.encode_frame(good)
+            return W.encode_frame(good), good
+
+    def _fail_request(self, request: W.Request, error: StoreError) -> None:
+        op = self._inflight.pop(request[0], None)
+        if op is not None:
+            op.result = None
+            op.error = error
+            op.complete()
 
     def _abort_flusher(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
         self._flusher = None
@@ -435,13 +502,19 @@ class SQLiteStore:
         if proc is not None and proc.stdin is not None and self._writer_gone is None:
             with trio.move_on_after(WRITER_STOP_TIMEOUT_S) as scope:
                 # the flusher is the only task writing the pipe (two writers could
-                # interleave frames): wait until it sent everything and is parked again
-                while (self._outgoing or self._flusher is None) and self._writer_gone is None:  # noqa: ASYNC110
+                # interleave frames): wait until it sent everything
+                while self._io_running and (self._outgoing or self._sending):  # noqa: ASYNC110
                     await trio.sleep(0.001)
-                proc.stdin.close()  # EOF: the writer finishes, answers, exits
-                await self._writer_done.wait()
+                if not self._io_running:  # pragma: no cover - _opened shields the I/O tasks
+                    await self._kill_writer("the store is closed")
+                else:
+                    proc.stdin.close()  # EOF: the writer finishes, answers, exits
+                    await self._writer_done.wait()
             if scope.cancelled_caught:
+                log.error("SQLite writer still busy after %.0f s: killed", WRITER_STOP_TIMEOUT_S)
                 proc.kill()
+                with trio.move_on_after(5):
+                    await self._writer_done.wait()
         # readers: wait until no read holds a connection, then close them all
         for _ in range(self._read_pool):
             await self._read_slots.acquire()
@@ -458,7 +531,11 @@ class SQLiteStore:
 
         `fn` must pickle: a `functools.partial` of a module-level function.
         """
-        return await self._submit(WriteOp(fn), (fn, None))
+        try:
+            pickled = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise StoreError(f"write op cannot be sent to the writer: {exc!r}") from exc
+        return await self._submit(WriteOp(fn), (pickled, None))
 
     async def _submit(self, op: WriteOp[T], request: tuple[Any, Any]) -> T:
         if self._writer_gone is not None or self._closing:
@@ -1155,19 +1232,25 @@ async def _opened(store: SQLiteStore) -> AsyncIterator[SQLiteStore]:
     except (sqlite3.Error, OSError) as exc:
         raise StoreUnavailable(f"cannot open SQLite database {store.path}: {exc}") from exc
     try:
-        await store._start_writer()
+        await store._start_writer()  # kills and reaps the writer itself on failure
     except BaseException:
         with trio.CancelScope(shield=True):
             await store._close()
         raise
+    io_scope = trio.CancelScope(shield=True)  # cancelled by us only, after _close
+
+    async def run_io(*, task_status: trio.TaskStatus[None]) -> None:
+        with io_scope:
+            await store._run_writer_io(task_status=task_status)
+
     async with trio.open_nursery() as nursery:
-        await nursery.start(store._run_writer_io)
+        await nursery.start(run_io)
         try:
             yield store
         finally:
             with trio.CancelScope(shield=True):
                 await store._close()
-            nursery.cancel_scope.cancel()
+            io_scope.cancel()
 
 
 __all__ = ["SQLiteStore", "latest_version", "open_sqlite", "path_from_url"]

@@ -15,8 +15,9 @@ then a pickle. The two ends are the same code base, started together; the pipes 
 private to them (pickle is safe only because nothing else can write to them).
 
 - parent -> child: a list of requests `(op_id, fn, message_args)`:
-  `fn(conn)` is a write op (a `functools.partial` of a module-level function of
-  `securecollab.store.sqlite`, connection last) and `message_args` is None; or `fn` is
+  `fn` is a pickled write op `fn(conn)` (a `functools.partial` of a module-level function
+  of `securecollab.store.sqlite`, connection last; pickled on its own, so one the writer
+  cannot load fails alone) and `message_args` is None; or `fn` is
   None and `message_args` is `(message, offline_for, expires_at, outbox)`, an
   `insert_message` (the hot write, which has a fast path over a whole batch), its
   records as plain tuples (`message_to_wire`, `outbox_to_wire`).
@@ -47,7 +48,7 @@ import sqlite3
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -63,8 +64,11 @@ from securecollab.store import sqlite as S
 from securecollab.store.groupcommit import BatchPolicy
 
 HEADER = struct.Struct("!I")
-#: Bound on one frame (a batch of 256 messages of 64 KiB each is ~17 MB of pickle).
+#: Bound on one frame read: anything larger means the stream is out of sync.
 MAX_FRAME = 256 << 20
+#: Bound on one request frame the server sends (it splits bigger ones; 256 messages of
+#: the default 64 KiB limit are ~17 MB of pickle).
+FRAME_LIMIT = 64 << 20
 #: The pipe size asked for (Linux F_SETPIPE_SZ): a whole batch of requests fits, so a
 #: burst of writes reaches the writer in one read instead of waiting for it to drain.
 PIPE_SIZE = 1 << 20
@@ -110,21 +114,26 @@ class FrameDecoder:
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[Any]:
+    def feed(self, data: bytes) -> list[Any]:
+        """Every object completed by `data` (the rest is kept for the next call)."""
         buf = self._buf
         buf += data
+        out: list[Any] = []
         start = 0
-        while len(buf) - start >= 4:
-            (size,) = HEADER.unpack_from(buf, start)
-            if size > MAX_FRAME:
-                raise ValueError(f"frame of {size} bytes from the other end: out of sync")
-            end = start + 4 + size
-            if end > len(buf):
-                break
-            yield pickle.loads(memoryview(buf)[start + 4 : end])
-            start = end
-        if start:
-            del buf[:start]
+        try:
+            while len(buf) - start >= 4:
+                (size,) = HEADER.unpack_from(buf, start)
+                if size > MAX_FRAME:
+                    raise ValueError(f"frame of {size} bytes from the other end: out of sync")
+                end = start + 4 + size
+                if end > len(buf):
+                    break
+                out.append(pickle.loads(memoryview(buf)[start + 4 : end]))
+                start = end
+        finally:
+            if start:
+                del buf[:start]
+        return out
 
 
 def set_pipe_size(fd: int) -> None:
@@ -146,7 +155,7 @@ class Job:
 
     __slots__ = ("error", "expires_at", "fn", "message", "offline_for", "op_id", "outbox", "result")
 
-    def __init__(self, op_id: int, fn: Callable[[sqlite3.Connection], Any] | None, margs: Any):
+    def __init__(self, op_id: int, fn: bytes | None, margs: Any):
         self.op_id = op_id
         self.result: Any = None
         self.error: BaseException | None = None
@@ -159,8 +168,19 @@ class Job:
             self.offline_for: Sequence[str] = offline_for
             self.expires_at: int = expires_at
             self.outbox: Sequence[OutboxRecord] = outbox
-            fn = partial(S._insert_message_alone, message, offline_for, expires_at, outbox)
-        self.fn: Callable[[sqlite3.Connection], Any] = fn
+            self.fn: Callable[[sqlite3.Connection], Any] = partial(
+                S._insert_message_alone, message, offline_for, expires_at, outbox
+            )
+            return
+        try:
+            self.fn = pickle.loads(fn)
+        except Exception as exc:  # e.g. a function this process cannot import
+            error = StoreError(f"write op cannot be loaded by the writer: {exc!r}")
+            self.fn = partial(_refuse, error)
+
+
+def _refuse(error: StoreError, c: sqlite3.Connection) -> None:
+    raise error
 
 
 class BatchRunner:
@@ -362,13 +382,16 @@ def _reply(out: int, results: object) -> bool:
 
 
 def _outcomes(batch: list[Job]) -> list[tuple[int, BaseException | None, Any]]:
+    """Each job's outcome, checked to survive the trip (pickled AND unpickled: an
+    exception whose __init__ takes other arguments pickles fine and fails to load)."""
     out: list[tuple[int, BaseException | None, Any]] = []
     for job in batch:
         entry = (job.op_id, job.error, job.result)
         try:
-            pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # an op returned something that cannot cross: a bug
-            entry = (job.op_id, StoreError(f"write result not transferable: {exc!r}"), None)
+            pickle.loads(pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception as exc:  # an op returned or raised what cannot cross: a bug
+            error = StoreError(f"write outcome not transferable: {exc!r}: {job.error!r}")
+            entry = (job.op_id, error, None)
         out.append(entry)
     return out
 
@@ -443,7 +466,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print("usage: python -m securecollab.store.sqlite_writer PATH BATCH_MAX BATCH_WAIT_MS")
         return 2
-    return serve(argv[0], int(argv[1]), float(argv[2]))
+    # stdout is the reply pipe: keep a private copy for replies and point fd 1 at
+    # stderr, so a stray print (ours or a library's) cannot corrupt the protocol
+    replies = os.dup(1)
+    os.dup2(2, 1)
+    return serve(argv[0], int(argv[1]), float(argv[2]), fd_out=replies)
 
 
 if __name__ == "__main__":

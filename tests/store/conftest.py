@@ -109,5 +109,7 @@ async def wait_queued(store: Store, n: int) -> None:
     with trio.fail_after(30):
         while store._queued() < want:  # type: ignore[attr-defined]  # noqa: ASYNC110
             await trio.sleep(0.002)
-        # sent, not only queued here: the writer reads them all in its next batch
-        await trio.sleep(0.05)
+        if is_sqlite(store):  # sent, not only queued: the writer reads them all next batch
+            s: Any = store
+            while s._outgoing or s._sending:  # noqa: ASYNC110
+                await trio.sleep(0.002)

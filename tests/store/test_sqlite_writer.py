@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from securecollab.store import Page, StoreError, StoreUnavailable, open_store
-from securecollab.store.sqlite_writer import FrameDecoder, encode_frame
+from securecollab.store.sqlite_writer import FRAME_LIMIT, FrameDecoder, encode_frame
+from tests.store import writer_ops  # not ".": the writer process imports it by this name
 
 from .factories import message, user
 
@@ -134,3 +136,90 @@ def test_frames_decode_under_any_chunking(objs: list[bytes], cuts: list[int]) ->
 def test_an_oversized_frame_header_is_refused() -> None:
     with pytest.raises(ValueError, match="out of sync"):
         list(FrameDecoder().feed(b"\xff\xff\xff\xff" + b"x"))
+
+
+async def test_outer_cancellation_closes_promptly(tmp_path: Path) -> None:
+    # e.g. a second Ctrl-C: the store is left by cancellation, with writes in flight
+    started = trio.current_time()
+    done: list[bool] = []
+    with trio.move_on_after(1):
+        async with open_store(_url(tmp_path)) as store:
+            await store.migrate()
+            proc = store._proc  # type: ignore[attr-defined]
+
+            async def writer(i: int) -> None:
+                await store.insert_message(message(f"c{i}@example.com", to="hub@example.com"))
+                done.append(True)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(100):
+                    nursery.start_soon(writer, i)
+                await trio.sleep_forever()
+    assert trio.current_time() - started < 6
+    assert proc.poll() is not None  # reaped
+    async with open_store(_url(tmp_path)) as store:
+        stored = 0
+        for i in range(100):
+            page = await store.list_direct_messages(f"c{i}@example.com", "hub@example.com", Page())
+            stored += len(page)
+        assert stored >= len(done)  # every write that returned is there
+
+
+async def test_cancelled_while_opening_leaves_no_writer(tmp_path: Path) -> None:
+    started = trio.current_time()
+    with trio.move_on_after(0.01):
+        async with open_store(_url(tmp_path)):
+            pytest.fail("opened within 10 ms")  # pragma: no cover
+    assert trio.current_time() - started < 6
+    async with open_store(_url(tmp_path)) as store:  # the database is usable afterwards
+        await store.migrate()
+        await store.create_user(user("next@example.com"))
+
+
+async def test_an_oversized_write_fails_alone(tmp_path: Path) -> None:
+    async with open_store(_url(tmp_path)) as store:
+        await store.migrate()
+        huge = dataclasses.replace(
+            message("big@example.com", to="hub@example.com"),
+            encrypted_content="A" * (FRAME_LIMIT + 1024),
+        )
+        small = message("small@example.com", to="hub@example.com")
+        outcomes: dict[str, object] = {}
+
+        async def send(name: str, m: object) -> None:
+            try:
+                outcomes[name] = (await store.insert_message(m)).created  # type: ignore[arg-type]
+            except StoreError as exc:
+                outcomes[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, "huge", huge)
+            nursery.start_soon(send, "small", small)
+        assert isinstance(outcomes["huge"], StoreError) and "too large" in str(outcomes["huge"])
+        assert outcomes["small"] is True
+        await store.ping()  # the writer lives on
+
+
+async def test_stray_output_and_odd_errors_do_not_break_the_writer(tmp_path: Path) -> None:
+    async with open_store(_url(tmp_path)) as store:
+        await store.migrate()
+        text = await store._write(partial(writer_ops.print_to_stdout, "hello"))  # type: ignore[attr-defined]
+        assert text == "hello"
+        with pytest.raises(StoreError, match="not transferable"):
+            await store._write(writer_ops.raise_two_arg_error)  # type: ignore[attr-defined]
+        await store.create_user(user("after@example.com"))
+        await store.ping()
+
+
+async def test_an_op_the_writer_cannot_load_fails_alone(tmp_path: Path) -> None:
+    # pytest imports this module as "store.test_sqlite_writer": no such module there
+    async with open_store(_url(tmp_path)) as store:
+        await store.migrate()
+        with pytest.raises(StoreError, match="cannot be loaded"):
+            await store._write(partial(_local_op, "x"))  # type: ignore[attr-defined]
+        await store.create_user(user("still@example.com"))
+        await store.ping()
+
+
+def _local_op(text: str, c: object) -> str:  # pragma: no cover - runs nowhere
+    return text
