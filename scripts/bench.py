@@ -89,7 +89,9 @@ What differs between the two setups:
   once the message was delivered and acked by a consumer (auto-ack here) without
   waiting for its fsync (messages are written/fsync'd in batches by the message store);
   the body is relayed as is (no validation); guest/guest login; Erlang VM on both cores.
-- Both: one process on this 2-core machine sharing the cores with the load generator.
+- Both on this 2-core machine, sharing the cores with the load generator: ours is
+  one process plus its SQLite writer process, RabbitMQ one Erlang VM; server CPU and
+  RSS are summed over a server's processes.
 """
 
 
