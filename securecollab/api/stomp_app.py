@@ -114,7 +114,12 @@ def authenticator(auth: AuthService) -> Authenticator:
             raise AuthenticationFailed("authentication failed", exc.detail) from None
         except ServiceError as exc:
             raise AuthenticationFailed("authentication failed", exc.detail) from None
-        return Identity(principal.user_id, tuple(principal.roles), principal.device_id)
+        return Identity(
+            principal.user_id,
+            tuple(principal.roles),
+            principal.device_id,
+            session_key=principal.family_id,
+        )
 
     return authenticate
 

@@ -643,7 +643,8 @@ class Broker:
 
     def _control(self, delivery: Delivery) -> None:
         """kind "control": header `action` = "unsubscribe" (end `user_id`'s subscriptions to
-        `destination`) or "disconnect" (close `user_id`'s sessions; header `message`)."""
+        `destination`) or "disconnect" (close `user_id`'s sessions, only those of login
+        session `session-key` when that header is given; header `message`)."""
         headers = dict(delivery.headers)
         action = headers.get("action")
         sessions = list(self._by_user.get(delivery.user_id or "", ()))
@@ -653,7 +654,10 @@ class Broker:
                     if sub.target.name == delivery.destination:
                         self.unsubscribe(sub)
         elif action == "disconnect":
+            key = headers.get("session-key")
             for session in sessions:
+                if key is not None and session.session_key != key:
+                    continue
                 session.close(headers.get("message", "disconnected by the server"), code=1008)
         else:
             log.warning("ignoring control delivery with action %r", action)

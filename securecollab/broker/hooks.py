@@ -18,6 +18,10 @@ class Identity:
     user_id: str
     roles: tuple[str, ...] = ()
     device_id: str | None = None
+    # the login session behind the credentials (the access token's refresh-token family):
+    # a control "disconnect" with header `session-key` closes only that session's
+    # connections (logout)
+    session_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,6 +165,7 @@ class Session:
         self.version = "1.2"
         self.state = State.NEW
         self.info: SessionInfo | None = None
+        self.session_key: str | None = None  # Identity.session_key, set at CONNECT
         self.subscriptions: dict[str, Subscription] = {}
         self.transactions: dict[str, list[stomp.Frame]] = {}
         self.acks: dict[str, tuple[Subscription, Pending]] = {}
@@ -359,6 +360,7 @@ class Session:
         self.send_ms, self.expect_ms = stomp.negotiate_heartbeat(
             client_hb, (cfg.heartbeat_send_ms, cfg.heartbeat_recv_ms)
         )
+        self.session_key = identity.session_key
         self.info = SessionInfo(
             session_id=self.id,
             user_id=identity.user_id,

@@ -30,7 +30,7 @@ import argon2
 import jwt
 import trio
 
-from securecollab.backplane import Backplane
+from securecollab.backplane import Backplane, Delivery
 from securecollab.config import Settings
 from securecollab.ids import new_id, now_ms
 from securecollab.services.audit import AuditService
@@ -389,6 +389,7 @@ class AuthService:
 
     async def _reuse_detected(self, rec: RefreshTokenRecord, ip: str | None, now: int) -> None:
         revoked = await self._store.revoke_token_family(rec.family_id, now)
+        await self._end_live_sessions(rec.user_id, rec.family_id, "session revoked")
         await self._audit.record(
             rec.user_id,
             "auth.refresh.reuse",
@@ -413,7 +414,24 @@ class AuthService:
             family = rec.family_id
         if family:
             await self._store.revoke_token_family(family, now_ms())
+            await self._end_live_sessions(principal.user_id, family, "session ended: logged out")
         await self._audit.record(principal.user_id, "auth.logout", principal.user_id, ip)
+
+    async def _end_live_sessions(self, user_id: str, family: str, why: str) -> None:
+        """Close the STOMP connections that authenticated with this login session's
+        tokens, on every node (a control delivery through the backplane)."""
+        try:
+            await self._backplane.publish(
+                Delivery(
+                    kind="control",
+                    destination="",
+                    body=b"",
+                    headers=(("action", "disconnect"), ("session-key", family), ("message", why)),
+                    user_id=user_id,
+                )
+            )
+        except Exception:  # the revocation is committed; new connections are refused
+            log.exception("could not close the live sessions of a revoked login session")
 
     async def verify_access_token(self, token: str) -> Principal:
         """Check an access JWT and that its user still exists; raise Unauthorized otherwise.
@@ -422,7 +440,7 @@ class AuthService:
         in the future, missing `sub`/`username`/`roles`/`iat`/`exp`/`jti`, unknown or
         deleted user, a session (`sid`) that was logged out or revoked
         (`token_revoked`). Roles come from the store, so a role change applies at once.
-        STOMP sessions already connected with a token are not closed by its logout.
+        (STOMP connections of a session are closed by its logout: `_end_live_sessions`.)
         """
         try:
             header = jwt.get_unverified_header(token)

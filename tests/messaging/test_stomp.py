@@ -7,6 +7,8 @@ import json
 import pytest
 import trio
 
+from tests.support.server import PASSWORD
+
 from .conftest import Live, envelope
 from .stomp_client import SubscribeRefused, stomp_connect
 
@@ -211,3 +213,35 @@ async def test_largest_allowed_ciphertext_fits_both_doors(live: Live) -> None:
         assert refused.command == "ERROR" and "larger than 65536" in refused.get("message", "")
     assert (await live.send(A, envelope(to=B, encryptedContent=biggest))).status_code == 201
     assert (await live.send(A, envelope(to=B, encryptedContent=too_big))).status_code == 422
+
+
+async def test_logout_closes_that_sessions_connections_and_refuses_its_token(
+    live: Live,
+) -> None:
+    # a second login of A: another session, which the logout must leave alone
+    r = await live.http.post("/api/auth/login", json={"username": A, "password": PASSWORD})
+    assert r.status_code == 200
+    other = r.json()["token"]
+    async with (
+        stomp_connect(live.stomp_port, live.tokens[A]) as alice,
+        stomp_connect(live.stomp_port, other) as alice_elsewhere,
+    ):
+        await alice.subscribe(PRIVATE)
+        await alice_elsewhere.subscribe(PRIVATE)
+        r = await live.http.post("/api/auth/logout", json={}, headers=live.h(A))
+        assert r.status_code == 200
+        error = await alice.expect("ERROR")
+        assert "logged out" in (error.get("message") or "")
+        with trio.fail_after(10):
+            while not alice.closed:  # noqa: ASYNC110 - the reader task sets it
+                await trio.sleep(0.01)
+        # the other session still works: a message reaches it
+        assert (await live.send(B, envelope(to=A))).status_code == 201
+        await alice_elsewhere.message(PRIVATE)
+    refused = False
+    try:  # the logged-out token cannot connect again
+        async with stomp_connect(live.stomp_port, live.tokens[A]):
+            pass  # pragma: no cover
+    except* ConnectionError:
+        refused = True
+    assert refused
