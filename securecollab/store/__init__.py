@@ -11,7 +11,8 @@ Two adapters implement it and pass one contract suite (`tests/store/`):
   replayed with one SAVEPOINT per write, so a failing write rolls back alone.
   Reads run on their own connections in worker threads and never wait for the writer.
 - `store/postgres.py`: asyncpg under trio-asyncio; the same group commit through
-  one writer task and one connection; a pool for reads.
+  one writer task and one connection (consecutive message inserts as one statement
+  over parallel arrays); a pool for reads.
 
 `open_store(url)` picks the adapter from the URL (`sqlite:///path` or
 `postgresql://...`). Times are integer milliseconds since the epoch everywhere.

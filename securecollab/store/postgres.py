@@ -281,18 +281,32 @@ class PostgresStore:
             raise
 
     async def _run_optimistic(self, conn: Conn, batch: list[WriteOp[Any]]) -> bool:
-        """Every op in one transaction, no savepoints; False (rolled back) if an op raised."""
+        """Every op in one transaction, no savepoints; False (rolled back) if an op raised.
+
+        Consecutive `insert_message` ops run as ONE statement (`_insert_messages`): one
+        round trip for the lot instead of one per message.
+        """
         await conn.execute("BEGIN")
-        for op in batch:
-            try:
-                op.result = await op.fn(conn)
-            except Exception as exc:
-                if conn.is_closed() or isinstance(exc, _CONNECTION_ERRORS):
-                    raise
-                for done in batch:
-                    done.result = None
-                await conn.execute("ROLLBACK")
-                return False
+        i, end = 0, len(batch)
+        try:
+            while i < end:
+                if type(batch[i]) is _MessageWrite:
+                    j = i + 1
+                    while j < end and type(batch[j]) is _MessageWrite:
+                        j += 1
+                    if j - i > 1:
+                        await _insert_messages(conn, batch[i:j])  # type: ignore[arg-type]
+                        i = j
+                        continue
+                batch[i].result = await batch[i].fn(conn)
+                i += 1
+        except Exception as exc:
+            if conn.is_closed() or isinstance(exc, _CONNECTION_ERRORS):
+                raise
+            for done in batch:
+                done.result = None
+            await conn.execute("ROLLBACK")
+            return False
         await conn.execute("COMMIT")
         return True
 
@@ -747,7 +761,14 @@ class PostgresStore:
                 return InsertResult(R.message_from_row(row), created=False)
             return InsertResult(message, created=True)
 
-        return await self._write(op)
+        if self._closing:
+            raise StoreUnavailable("the store is closed")
+        write = _MessageWrite(op, message, offline, offline_expires_at, tuple(outbox))
+        try:
+            await self._send.send(write)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise StoreUnavailable("the store is closed") from None
+        return await write.wait()
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
         row = await self._fetchrow(
@@ -940,6 +961,101 @@ SELECT id FROM m
 """
 
 _OUTBOX_INSERT = f"INSERT INTO outbox ({R.OUTBOX_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+
+
+class _MessageWrite(WriteOp[InsertResult]):
+    """A queued `insert_message`: its own op (`fn`, for a lone message and the per-op
+    replay) plus what `_insert_messages` needs to write it with its batch neighbours."""
+
+    __slots__ = ("expires_at", "message", "offline_for", "outbox")
+
+    def __init__(
+        self,
+        fn: Op[InsertResult],
+        message: MessageRecord,
+        offline_for: list[str],
+        expires_at: int,
+        outbox: tuple[OutboxRecord, ...],
+    ) -> None:
+        super().__init__(fn)
+        self.message = message
+        self.offline_for = offline_for
+        self.expires_at = expires_at
+        self.outbox = outbox
+
+
+async def _insert_messages(c: Conn, ops: list[_MessageWrite]) -> None:
+    """Consecutive `insert_message` ops of a batch in ONE statement (asyncio side).
+
+    The rows travel as parallel arrays; a message whose (sender, clientMessageId) already
+    exists (stored before, or earlier in this very batch) is skipped by ON CONFLICT DO
+    NOTHING together with its peers/queue/outbox rows, and its op gets the original, as a
+    lone `insert_message` would. Any other failure raises: the batch is then replayed op
+    by op with savepoints.
+    """
+    columns: list[list[Any]] = [[] for _ in range(9)]
+    offline: list[list[Any]] = [[], [], []]  # message id, user, expires_at
+    events: list[list[Any]] = [[] for _ in range(7)]  # owner message id + outbox columns
+    for op in ops:
+        m = op.message
+        for column, value in zip(columns, R.message_params(m), strict=True):
+            column.append(value)
+        for user in op.offline_for:
+            offline[0].append(m.id)
+            offline[1].append(user)
+            offline[2].append(op.expires_at)
+        for e in op.outbox:
+            events[0].append(m.id)
+            for column, value in zip(events[1:], _outbox_params(e), strict=True):
+                column.append(value)
+    inserted = {r["id"] for r in await c.fetch(_INSERT_MESSAGES, *columns, *offline, *events)}
+    for op in ops:
+        m = op.message
+        if m.id in inserted:
+            op.result = InsertResult(m, created=True)
+            continue
+        row = await c.fetchrow(
+            f"SELECT {R.MESSAGE_COLUMNS} FROM messages"
+            " WHERE sender_id = $1 AND client_message_id = $2",
+            m.sender_id,
+            m.client_message_id,
+        )
+        if row is None:  # not inserted and no original: not a clientMessageId repeat
+            raise StoreError(f"message {m.id} was neither inserted nor a repeat")
+        op.result = InsertResult(R.message_from_row(row), created=False)
+
+
+_INSERT_MESSAGES = f"""
+WITH m AS (
+    INSERT INTO messages ({R.MESSAGE_COLUMNS})
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::text[], $8::bigint[], $9::text[])
+    ON CONFLICT (sender_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
+    RETURNING id, sender_id, recipient_id, created_at
+), peers AS (
+    INSERT INTO direct_peers (user_id, peer_id, since)
+    SELECT DISTINCT ON (v.a, v.b) v.a, v.b, m.created_at
+    FROM m CROSS JOIN LATERAL (VALUES (m.sender_id, m.recipient_id),
+                                      (m.recipient_id, m.sender_id)) AS v (a, b)
+    WHERE m.recipient_id IS NOT NULL AND m.recipient_id <> m.sender_id
+    ORDER BY v.a, v.b, m.created_at
+    ON CONFLICT (user_id, peer_id) DO NOTHING
+), queued AS (
+    INSERT INTO offline_queue (user_id, message_id, queued_at, expires_at)
+    SELECT q.u, m.id, m.created_at, q.x
+    FROM unnest($10::text[], $11::text[], $12::bigint[]) AS q (mid, u, x)
+    JOIN m ON m.id = q.mid
+    ON CONFLICT (user_id, message_id) DO NOTHING
+), events AS (
+    INSERT INTO outbox ({R.OUTBOX_COLUMNS})
+    SELECT e.id, e.topic, e.key, e.payload, e.created_at, e.sent_at
+    FROM unnest($13::text[], $14::text[], $15::text[], $16::text[], $17::bytea[],
+                $18::bigint[], $19::bigint[])
+         AS e (mid, id, topic, key, payload, created_at, sent_at)
+    JOIN m ON m.id = e.mid
+)
+SELECT id FROM m
+"""
 
 
 def _outbox_params(e: OutboxRecord) -> tuple[Any, ...]:
