@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import h11
 import trio
 from hypercorn.config import Config as HyperConfig
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -48,6 +51,37 @@ from securecollab.netaddr import Network, client_address
 from securecollab.transport import wscodec
 from securecollab.transport.sockio import SocketIO, StreamIO
 from securecollab.transport.websocket import WS_PATH, bearer_token, choose_subprotocol
+
+#: The JSON errors of HTTP requests that never reach the app (hypercorn answers them).
+_PROTOCOL_ERRORS = {
+    400: ("bad_request", "malformed HTTP request"),
+    413: ("payload_too_large", "request head or body too large"),
+    431: ("headers_too_large", "request header fields too large"),
+}
+
+
+async def _json_error_response(self: H11Protocol, status_code: int) -> None:
+    """hypercorn's answer to a request h11 cannot parse, with the JSON error body every
+    other 4xx of this server has ({"error", "detail"}) instead of an empty one.
+
+    Replaces `H11Protocol._send_error_response` (hypercorn is pinned to 0.18.x;
+    tests/broker/test_front_door.py checks the body, so an upgrade that drops the hook
+    fails a test instead of silently going back to empty bodies).
+    """
+    code, detail = _PROTOCOL_ERRORS.get(status_code, ("http_error", "HTTP protocol error"))
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *self.config.response_headers("h11"),
+    ]
+    await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
+
+
+H11Protocol._send_error_response = _json_error_response  # type: ignore[method-assign]
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import struct
 
+import pytest
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -157,6 +159,32 @@ async def test_unmasked_client_frame_closes_with_1002(server: BrokerServer) -> N
             data += chunk
     assert data[0] == 0x88  # a close frame
     assert struct.unpack("!H", data[2:4])[0] == 1002
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\n\r\n",  # no Host
+        b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    ],
+)
+async def test_malformed_http_gets_a_json_400(server: BrokerServer, request_bytes: bytes) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.http_port)
+    await stream.send_all(request_bytes)
+    data = b""
+    with trio.fail_after(5):
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), data[:80]
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(body)
+    assert error["error"] == "bad_request" and error["detail"]
 
 
 async def test_malformed_upgrade_is_answered_by_the_http_server(server: BrokerServer) -> None:
