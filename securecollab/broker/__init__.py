@@ -62,7 +62,9 @@ Deliveries (services -> clients), through the backplane port:
         -> ends that user's subscriptions to the destination at once (channel removal).
     Delivery(kind="control", destination="", body=b"", user_id=u,
         headers=(("action", "disconnect"), ("message", "account deleted")))
-        -> ERROR with that message to every session of `u`, then close.
+        -> ERROR with that message to every session of `u`, then close; with header
+        ("session-key", k) only the sessions whose Identity.session_key is k (a logout),
+        and a CONNECT of that key still authenticating is closed when it attaches.
 
 MESSAGE frames carry subscription, message-id, destination (as subscribed),
 content-length, the delivery's headers (content-type...), `ack` (1.2, non-auto

@@ -48,6 +48,11 @@ from securecollab.ids import new_id, now_ms
 
 log = logging.getLogger(__name__)
 
+#: How long a login session ended by a control "disconnect" (logout) is remembered, so a
+#: CONNECT authenticated just before it is closed when it attaches (s), and how many.
+ENDED_KEY_TTL_S = 120.0
+ENDED_KEYS_MAX = 10_000
+
 AppHandler = Callable[[SessionInfo, stomp.Frame], Awaitable[None]]
 """Handles a client SEND to an `/app/...` destination. Raise `AppError` to refuse it.
 
@@ -94,6 +99,10 @@ class Broker:
         self._authenticate = authenticate
         self.sessions: dict[str, Session] = {}
         self._by_user: dict[str, set[Session]] = {}
+        # login sessions ended by a control "disconnect" with `session-key`, remembered
+        # ENDED_KEY_TTL_S so a CONNECT that was authenticating at that moment is closed
+        # when it attaches: key -> (expiry, message); oldest first
+        self._ended_keys: dict[str, tuple[float, str]] = {}
         self._user_subs: dict[tuple[str, str], list[Subscription]] = {}
         self._topic_subs: dict[str, list[Subscription]] = {}
         # users with a /topic/presence subscription here -> how many (presence fan-out
@@ -175,6 +184,20 @@ class Broker:
         self._by_user.setdefault(session.user_id, set()).add(session)
         assert session.info is not None
         await self._call_hook("on_session_open", self.hooks.on_session_open(session.info))
+        key = session.session_key
+        if key is not None and key in self._ended_keys:
+            expiry, message = self._ended_keys[key]
+            if expiry > trio.current_time():
+                # its login session ended while this CONNECT was being authenticated
+                session.close(message, code=1008)
+
+    def _remember_ended(self, key: str, message: str) -> None:
+        ended = self._ended_keys
+        now = trio.current_time()
+        ended.pop(key, None)
+        while ended and (len(ended) >= ENDED_KEYS_MAX or next(iter(ended.values()))[0] <= now):
+            del ended[next(iter(ended))]
+        ended[key] = (now + ENDED_KEY_TTL_S, message)
 
     async def refresh_forever(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -655,10 +678,13 @@ class Broker:
                         self.unsubscribe(sub)
         elif action == "disconnect":
             key = headers.get("session-key")
+            message = headers.get("message", "disconnected by the server")
+            if key is not None:
+                self._remember_ended(key, message)
             for session in sessions:
                 if key is not None and session.session_key != key:
                     continue
-                session.close(headers.get("message", "disconnected by the server"), code=1008)
+                session.close(message, code=1008)
         else:
             log.warning("ignoring control delivery with action %r", action)
 

@@ -993,6 +993,12 @@ async def _insert_messages(c: Conn, ops: list[_MessageWrite]) -> None:
     lone `insert_message` would. Any other failure raises: the batch is then replayed op
     by op with savepoints.
     """
+    if len({op.message.id for op in ops}) != len(ops):
+        # the same message id twice (a retry of one record): rows could not be told
+        # apart by id, so run these as lone inserts, in order (exactly their semantics)
+        for op in ops:
+            op.result = await op.fn(c)
+        return
     columns: list[list[Any]] = [[] for _ in range(9)]
     offline: list[list[Any]] = [[], [], []]  # message id, user, expires_at
     events: list[list[Any]] = [[] for _ in range(7)]  # owner message id + outbox columns
@@ -1026,19 +1032,24 @@ async def _insert_messages(c: Conn, ops: list[_MessageWrite]) -> None:
 
 
 _INSERT_MESSAGES = f"""
-WITH m AS (
-    INSERT INTO messages ({R.MESSAGE_COLUMNS})
+WITH input AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::bigint[], $9::text[])
+                         $6::text[], $7::text[], $8::bigint[], $9::text[]) WITH ORDINALITY
+        AS t ({R.MESSAGE_COLUMNS}, ord)
+), m AS (
+    INSERT INTO messages ({R.MESSAGE_COLUMNS})
+    SELECT {R.MESSAGE_COLUMNS} FROM input ORDER BY ord
     ON CONFLICT (sender_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
     RETURNING id, sender_id, recipient_id, created_at
 ), peers AS (
+    -- per pair, the first message in queue order sets `since` (as lone inserts would)
     INSERT INTO direct_peers (user_id, peer_id, since)
     SELECT DISTINCT ON (v.a, v.b) v.a, v.b, m.created_at
-    FROM m CROSS JOIN LATERAL (VALUES (m.sender_id, m.recipient_id),
-                                      (m.recipient_id, m.sender_id)) AS v (a, b)
+    FROM m JOIN input ON input.id = m.id
+    CROSS JOIN LATERAL (VALUES (m.sender_id, m.recipient_id),
+                               (m.recipient_id, m.sender_id)) AS v (a, b)
     WHERE m.recipient_id IS NOT NULL AND m.recipient_id <> m.sender_id
-    ORDER BY v.a, v.b, m.created_at
+    ORDER BY v.a, v.b, input.ord
     ON CONFLICT (user_id, peer_id) DO NOTHING
 ), queued AS (
     INSERT INTO offline_queue (user_id, message_id, queued_at, expires_at)

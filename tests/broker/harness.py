@@ -30,10 +30,14 @@ USERS = ("alice", "bob", "carol", "dave")
 
 
 def _token_identity(token: str) -> Identity | None:
+    """`token-USER[@DEVICE][#SESSION_KEY]`."""
     if not token.startswith("token-"):
         return None
-    user, _, device = token[len("token-") :].partition("@")
-    return Identity(user, ("user",), device or None) if user in USERS else None
+    rest, _, key = token[len("token-") :].partition("#")
+    user, _, device = rest.partition("@")
+    if user not in USERS:
+        return None
+    return Identity(user, ("user",), device or None, session_key=key or None)
 
 
 async def table_authenticate(creds: Credentials) -> Identity:

@@ -177,6 +177,31 @@ async def test_control_disconnect_closes_the_users_sessions(server: BrokerServer
         await b.subscribe("/user/queue/x")
 
 
+async def test_control_disconnect_of_one_login_session(server: BrokerServer) -> None:
+    ended = Delivery(
+        "control",
+        "",
+        b"",
+        (("action", "disconnect"), ("session-key", "k1"), ("message", "logged out")),
+        "alice",
+    )
+    async with (
+        tcp_client(server.tcp_port) as a1,
+        tcp_client(server.tcp_port) as a2,
+        tcp_client(server.tcp_port) as late,
+    ):
+        await a1.connect(passcode="token-alice#k1")
+        await a2.connect(passcode="token-alice#k2")
+        await server.backplane.publish(ended)
+        await a1.expect_error("logged out")
+        await a2.subscribe("/user/queue/x")  # another login session of alice: still open
+        # a CONNECT of the ended session that was authenticated before the logout (the
+        # test authenticator knows nothing of logouts) is closed as it attaches
+        await late.connect(passcode="token-alice#k1")
+        await late.expect_error("logged out")
+        assert not a2.closed.is_set()
+
+
 async def test_initial_messages_first_then_live_without_gaps_or_duplicates() -> None:
     hooks = BrokerHooks()
     release = trio.Event()

@@ -155,6 +155,36 @@ async def test_one_batch_of_many_messages_stores_every_row_once(store: Store, n:
     assert sorted(e.id for e in outbox) == sorted(m.id for m in sent)
 
 
+async def test_the_same_record_twice_in_one_batch_is_stored_once(store: Store) -> None:
+    # A sender retrying the very record it already queued (same id and clientMessageId:
+    # the service does this after a cancelled wait) must get created=False the second
+    # time, and the retry's own queue/outbox rows must not be written.
+    m = message("a@example.com", to="b@example.com", client_id="retry-1")
+    outcomes: list[tuple[int, bool]] = []
+
+    async def send(i: int, offline_for: list[str], topic: str) -> None:
+        r = await store.insert_message(
+            m,
+            offline_for=offline_for,
+            offline_expires_at=T0 + 1000,
+            outbox=[outbox_for(m, topic=topic)] if topic else [],
+        )
+        assert r.message == m
+        outcomes.append((i, r.created))
+
+    async with trio.open_nursery() as nursery:
+        async with writer_held(store):
+            nursery.start_soon(send, 0, ["b@example.com"], "")
+            await wait_queued(store, 1)
+            nursery.start_soon(send, 1, ["c@example.com", "d@example.com"], "chat.messages")
+            await wait_queued(store, 2)
+
+    assert sorted(outcomes) == [(0, True), (1, False)]
+    assert [e.message.id for e in await store.list_offline("b@example.com", now=0)] == [m.id]
+    assert await store.list_offline("c@example.com", now=0) == []
+    assert await store.fetch_outbox() == []
+
+
 async def test_repeated_client_ids_in_one_batch_return_the_original(store: Store) -> None:
     # A batch of message writes, some repeating a clientMessageId (of a stored message, or
     # of another write in the same batch): each repeat gets the original back, created
