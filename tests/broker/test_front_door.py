@@ -37,13 +37,19 @@ class RawWs:
     async def handshake(self, prefix: bytes = b"", first: bytes = b"") -> AcceptConnection:
         req = self.ws.send(Request(host="x", target="/ws", subprotocols=["v12.stomp"]))
         await self.stream.send_all(prefix + req + first)
-        while True:
-            for event in await self.next_events():
-                if isinstance(event, AcceptConnection):
-                    return event
-                raise AssertionError(f"handshake answered with {event!r}")
+        events = await self.next_events()
+        event = events.pop(0)
+        if not isinstance(event, AcceptConnection):
+            raise AssertionError(f"handshake answered with {event!r}")
+        # the server may answer the first frame in the same read as the 101 (when it
+        # came in the upgrade's packet): keep what followed the acceptance
+        self.events = events
+        return event
 
     async def next_events(self) -> list[object]:
+        if self.events:
+            events, self.events = self.events, []
+            return events
         with trio.fail_after(5):
             while True:
                 events = list(self.ws.events())
