@@ -155,7 +155,7 @@ async def test_outer_cancellation_closes_promptly(tmp_path: Path) -> None:
                 for i in range(100):
                     nursery.start_soon(writer, i)
                 await trio.sleep_forever()
-    assert trio.current_time() - started < 6
+    assert trio.current_time() - started < 20  # a hang guard: the bug took 30 s
     assert proc.poll() is not None  # reaped
     async with open_store(_url(tmp_path)) as store:
         stored = 0
@@ -170,7 +170,7 @@ async def test_cancelled_while_opening_leaves_no_writer(tmp_path: Path) -> None:
     with trio.move_on_after(0.01):
         async with open_store(_url(tmp_path)):
             pytest.fail("opened within 10 ms")  # pragma: no cover
-    assert trio.current_time() - started < 6
+    assert trio.current_time() - started < 20  # a hang guard: the bug took 30 s
     async with open_store(_url(tmp_path)) as store:  # the database is usable afterwards
         await store.migrate()
         await store.create_user(user("next@example.com"))
