@@ -427,16 +427,7 @@ class PostgresStore:
     # ------------------------------------------------------------------ users
 
     async def create_user(self, user: UserRecord) -> None:
-        args = (
-            R.user_key(user.user_id),
-            user.user_id,
-            user.password_hash,
-            user.display_name,
-            R.dumps(list(user.roles)),
-            user.created_at,
-            user.deleted_at,
-            user.deletion_scheduled_at,
-        )
+        args = R.user_params(user)
         await self._write(
             lambda c: c.execute(
                 "INSERT INTO users (user_key, user_id, password_hash, display_name, roles,"
@@ -561,14 +552,7 @@ class PostgresStore:
     # ------------------------------------------------------------------ device keys
 
     async def upsert_device_key(self, key: DeviceKeyRecord) -> tuple[DeviceKeyRecord, bool]:
-        args = (
-            key.bundle_id,
-            key.public_key,
-            key.registered_at,
-            key.last_used_at,
-            key.user_id,
-            key.device_id,
-        )
+        args = R.device_key_params(key)
 
         async def op(c: Conn) -> tuple[DeviceKeyRecord, bool]:
             status = await c.execute(
@@ -628,12 +612,7 @@ class PostgresStore:
         async def op(c: Conn) -> None:
             await c.execute(
                 f"INSERT INTO channels ({R.CHANNEL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
-                channel.id,
-                channel.name,
-                channel.description,
-                channel.owner_id,
-                R.dumps(channel.settings),
-                channel.created_at,
+                *R.channel_params(channel),
             )
             await c.execute(
                 "INSERT INTO channel_members (channel_id, user_id, role, joined_at)"
@@ -736,7 +715,7 @@ class PostgresStore:
         R.check_message(message)
         offline = list(dict.fromkeys(offline_for))
         # outbox rows as parallel arrays (id, topic, key, payload, created_at, sent_at)
-        events = [list(column) for column in zip(*map(_outbox_params, outbox), strict=True)]
+        events = [list(column) for column in zip(*map(R.outbox_params, outbox), strict=True)]
         if not events:
             events = [[], [], [], [], [], []]
         params = R.message_params(message)
@@ -879,7 +858,7 @@ class PostgresStore:
     async def add_outbox(self, events: Sequence[OutboxRecord]) -> None:
         if not events:
             return
-        params = [_outbox_params(e) for e in events]
+        params = [R.outbox_params(e) for e in events]
         await self._write(lambda c: c.executemany(_OUTBOX_INSERT, params))
 
     async def fetch_outbox(self, limit: int = 500) -> list[OutboxRecord]:
@@ -1012,7 +991,7 @@ async def _insert_messages(c: Conn, ops: list[_MessageWrite]) -> None:
             offline[2].append(op.expires_at)
         for e in op.outbox:
             events[0].append(m.id)
-            for column, value in zip(events[1:], _outbox_params(e), strict=True):
+            for column, value in zip(events[1:], R.outbox_params(e), strict=True):
                 column.append(value)
     inserted = {r["id"] for r in await c.fetch(_INSERT_MESSAGES, *columns, *offline, *events)}
     for op in ops:
@@ -1067,10 +1046,6 @@ WITH input AS (
 )
 SELECT id FROM m
 """
-
-
-def _outbox_params(e: OutboxRecord) -> tuple[Any, ...]:
-    return (e.id, e.topic, e.key, bytes(e.payload), e.created_at, e.sent_at)
 
 
 def _page_filters(page: Page, args: list[Any]) -> str:

@@ -100,8 +100,8 @@ def message_from_row(row: Row) -> MessageRecord:
     return from_row(MessageRecord, row, keys=json.loads(row["keys"]))
 
 
-def message_params(m: MessageRecord) -> tuple[Any, ...]:
-    """Parameters in MESSAGE_COLUMNS order."""
+def message_fields(m: MessageRecord) -> tuple[Any, ...]:
+    """The record's fields in order (`MessageRecord(*t)` rebuilds it; keys stay a dict)."""
     return (
         m.id,
         m.sender_id,
@@ -109,10 +109,46 @@ def message_params(m: MessageRecord) -> tuple[Any, ...]:
         m.channel_id,
         m.encrypted_content,
         m.iv,
-        dumps(m.keys),
+        m.keys,
         m.created_at,
         m.client_message_id,
     )
+
+
+def message_params(m: MessageRecord) -> tuple[Any, ...]:
+    """Parameters in MESSAGE_COLUMNS order (keys as JSON text)."""
+    f = message_fields(m)
+    return (*f[:6], dumps(m.keys), *f[7:])
+
+
+def user_params(u: UserRecord) -> tuple[Any, ...]:
+    """Parameters of a users row: user_key, then USER_COLUMNS order (roles as JSON)."""
+    return (
+        user_key(u.user_id),
+        u.user_id,
+        u.password_hash,
+        u.display_name,
+        dumps(list(u.roles)),
+        u.created_at,
+        u.deleted_at,
+        u.deletion_scheduled_at,
+    )
+
+
+def device_key_params(k: DeviceKeyRecord) -> tuple[Any, ...]:
+    """(bundle_id, public_key, registered_at, last_used_at, user_id, device_id): the
+    UPDATE's SET values then its key, and the INSERT's column order."""
+    return (k.bundle_id, k.public_key, k.registered_at, k.last_used_at, k.user_id, k.device_id)
+
+
+def channel_params(ch: ChannelRecord) -> tuple[Any, ...]:
+    """Parameters in CHANNEL_COLUMNS order (settings as JSON)."""
+    return (ch.id, ch.name, ch.description, ch.owner_id, dumps(ch.settings), ch.created_at)
+
+
+def outbox_params(e: OutboxRecord) -> tuple[Any, ...]:
+    """Parameters in OUTBOX_COLUMNS order (`OutboxRecord(*t)` rebuilds it)."""
+    return (e.id, e.topic, e.key, bytes(e.payload), e.created_at, e.sent_at)
 
 
 def offline_from_row(row: Row) -> OfflineEntry:

@@ -800,7 +800,7 @@ class SQLiteStore:
     ) -> InsertResult:
         R.check_message(message)
         op = _MessageWrite(message, offline_for, offline_expires_at, outbox)
-        request = (W.message_to_wire(message), op.offline_for, op.expires_at, op.outbox)
+        request = (R.message_fields(message), op.offline_for, op.expires_at, op.outbox)
         return await self._submit(op, (None, request))
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
@@ -897,7 +897,7 @@ class SQLiteStore:
     async def add_outbox(self, events: Sequence[OutboxRecord]) -> None:
         if not events:
             return
-        params = [_outbox_params(e) for e in events]
+        params = [R.outbox_params(e) for e in events]
         await self._write(partial(_op_executemany, _OUTBOX_INSERT, params))
 
     async def fetch_outbox(self, limit: int = 500) -> list[OutboxRecord]:
@@ -959,16 +959,7 @@ def _op_create_user(user: UserRecord, c: sqlite3.Connection) -> None:
     c.execute(
         "INSERT INTO users (user_key, user_id, password_hash, display_name, roles,"
         " created_at, deleted_at, deletion_scheduled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            R.user_key(user.user_id),
-            user.user_id,
-            user.password_hash,
-            user.display_name,
-            R.dumps(list(user.roles)),
-            user.created_at,
-            user.deleted_at,
-            user.deletion_scheduled_at,
-        ),
+        R.user_params(user),
     )
 
 
@@ -979,7 +970,19 @@ def _op_set_user_deleted(user_id: str, at: int, c: sqlite3.Connection) -> None:
 
 
 def _op_insert_token(t: RefreshTokenRecord, c: sqlite3.Connection) -> None:
-    _insert_token(c, t)
+    c.execute(
+        f"INSERT INTO refresh_tokens ({R.TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            t.token_hash,
+            t.user_id,
+            t.family_id,
+            t.issued_at,
+            t.expires_at,
+            t.used_at,
+            t.revoked_at,
+            t.device_id,
+        ),
+    )
 
 
 def _op_rotate_token(
@@ -992,21 +995,14 @@ def _op_rotate_token(
     )
     if cur.rowcount == 0:
         return False
-    _insert_token(c, new)
+    _op_insert_token(new, c)
     return True
 
 
 def _op_upsert_device_key(
     key: DeviceKeyRecord, c: sqlite3.Connection
 ) -> tuple[DeviceKeyRecord, bool]:
-    params = (
-        key.bundle_id,
-        key.public_key,
-        key.registered_at,
-        key.last_used_at,
-        key.user_id,
-        key.device_id,
-    )
+    params = R.device_key_params(key)
     cur = c.execute(
         "UPDATE device_keys SET bundle_id = ?, public_key = ?, registered_at = ?,"
         " last_used_at = ? WHERE user_id = ? AND device_id = ?",
@@ -1025,14 +1021,7 @@ def _op_upsert_device_key(
 def _op_create_channel(channel: ChannelRecord, c: sqlite3.Connection) -> None:
     c.execute(
         f"INSERT INTO channels ({R.CHANNEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
-        (
-            channel.id,
-            channel.name,
-            channel.description,
-            channel.owner_id,
-            R.dumps(channel.settings),
-            channel.created_at,
-        ),
+        R.channel_params(channel),
     )
     c.execute(
         "INSERT INTO channel_members (channel_id, user_id, role, joined_at)"
@@ -1054,22 +1043,6 @@ def _op_add_members(
         if cur.rowcount:
             added.append(user_id)
     return added
-
-
-def _insert_token(c: sqlite3.Connection, t: RefreshTokenRecord) -> None:
-    c.execute(
-        f"INSERT INTO refresh_tokens ({R.TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            t.token_hash,
-            t.user_id,
-            t.family_id,
-            t.issued_at,
-            t.expires_at,
-            t.used_at,
-            t.revoked_at,
-            t.device_id,
-        ),
-    )
 
 
 _OUTBOX_INSERT = f"INSERT INTO outbox ({R.OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
@@ -1109,7 +1082,7 @@ class _MessageWrite(WriteOp[InsertResult]):
         # tuples: they are pickled as sent, whatever the caller does with its own lists
         self.offline_for = tuple(offline_for)
         self.expires_at = offline_expires_at
-        self.outbox = tuple(W.outbox_to_wire(e) for e in outbox)
+        self.outbox = tuple(R.outbox_params(e) for e in outbox)
 
 
 def _runs_in_the_writer(c: sqlite3.Connection) -> InsertResult:  # pragma: no cover
@@ -1138,7 +1111,7 @@ def _insert_message_alone(
     if offline_for:
         c.executemany(_OFFLINE_INSERT, [(u, message.id, at, expires_at) for u in offline_for])
     if outbox:
-        c.executemany(_OUTBOX_INSERT, [_outbox_params(e) for e in outbox])
+        c.executemany(_OUTBOX_INSERT, [R.outbox_params(e) for e in outbox])
     return InsertResult(message, created=True)
 
 
@@ -1184,10 +1157,6 @@ def _insert_rows(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]
         params = [v for r in chunk for v in r]
         params += [None] * (len(chunk[0]) * (size - len(chunk)))
         conn.execute(_multi_sql(sql, size), params)
-
-
-def _outbox_params(e: OutboxRecord) -> tuple[Any, ...]:
-    return (e.id, e.topic, e.key, bytes(e.payload), e.created_at, e.sent_at)
 
 
 def _page_filters(page: Page) -> tuple[str, list[Any]]:

@@ -20,7 +20,9 @@ private to them (pickle is safe only because nothing else can write to them).
   cannot load fails alone) and `message_args` is None; or `fn` is
   None and `message_args` is `(message, offline_for, expires_at, outbox)`, an
   `insert_message` (the hot write, which has a fast path over a whole batch), its
-  records as plain tuples (`message_to_wire`, `outbox_to_wire`).
+  records as plain tuples of their fields (`rows.message_fields`, `rows.outbox_params`):
+  a slotted dataclass pickles through a Python-level __getstate__ (py-spy: ~5 % of the
+  event loop under load), a tuple of str/int/dict in C.
 - child -> parent: first `("ready", None)` once the database is open in WAL mode, or
   `("error", text)` and exit 1; then one `("batch", (seconds, failed, results))` per
   committed (or failed) batch, `results` a list of `(op_id, error, result)`. For an
@@ -77,30 +79,6 @@ READ_CHUNK = 1 << 20
 KNOWN_PEERS_MAX = 100_000
 
 Request = tuple[int, Any, Any]
-
-
-def message_to_wire(m: MessageRecord) -> tuple[Any, ...]:
-    """A MessageRecord as a plain tuple of its fields, in order (`MessageRecord(*t)`).
-
-    Why: a slotted dataclass pickles through a Python-level __getstate__; a tuple of
-    str/int/dict pickles in C (py-spy: ~5 % of the event loop's time under load).
-    """
-    return (
-        m.id,
-        m.sender_id,
-        m.recipient_id,
-        m.channel_id,
-        m.encrypted_content,
-        m.iv,
-        m.keys,
-        m.created_at,
-        m.client_message_id,
-    )
-
-
-def outbox_to_wire(e: OutboxRecord) -> tuple[Any, ...]:
-    """An OutboxRecord as a plain tuple of its fields, in order (`OutboxRecord(*t)`)."""
-    return (e.id, e.topic, e.key, e.payload, e.created_at, e.sent_at)
 
 
 def encode_frame(obj: object) -> bytes:
@@ -291,7 +269,7 @@ class BatchRunner:
                 at = message.created_at
                 offline += [(u, message.id, at, expires_at) for u in job.offline_for]
             if job.outbox:
-                events += [S._outbox_params(e) for e in job.outbox]
+                events += [R.outbox_params(e) for e in job.outbox]
             job.result = None  # created: the parent holds the record
         S._insert_rows(conn, S._MESSAGE_INSERT, messages)
         if peers:
