@@ -8,8 +8,6 @@ on both store adapters, and check what a subscribed recipient would have receive
 
 from __future__ import annotations
 
-import base64
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,18 +20,9 @@ from securecollab.services.messages import MessageService
 from securecollab.store import InsertResult, MessageRecord, Page, Store, StoreUnavailable
 
 from .conftest import Chat
+from .conftest import envelope as env
 
 A, B = "alice@example.com", "bob@example.com"
-
-
-def env(**over: object) -> dict[str, object]:
-    e: dict[str, object] = {
-        "encryptedContent": base64.b64encode(os.urandom(48)).decode(),
-        "iv": base64.b64encode(os.urandom(12)).decode(),
-        "keys": {f"{B}/phone": base64.b64encode(os.urandom(93)).decode()},
-    }
-    e.update(over)
-    return e
 
 
 class SlowFirstInsert:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -17,18 +15,9 @@ from securecollab.services.messages import KnownRecipients, NotQueued, parse_pag
 from securecollab.store import Page, UserRecord
 
 from .conftest import Chat
+from .conftest import envelope as env
 
 A, B, C, D = "alice@example.com", "bob@example.com", "carol@example.com", "dave@example.com"
-
-
-def env(**over: object) -> dict[str, object]:
-    e: dict[str, object] = {
-        "encryptedContent": base64.b64encode(os.urandom(48)).decode(),
-        "iv": base64.b64encode(os.urandom(12)).decode(),
-        "keys": {f"{B}/phone": base64.b64encode(os.urandom(93)).decode()},
-    }
-    e.update(over)
-    return e
 
 
 def pem(key: object) -> str:
