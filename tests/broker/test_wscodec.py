@@ -152,6 +152,60 @@ def test_frame_reader_reads_16_and_64_bit_lengths() -> None:
     assert data == big[:300] + big
 
 
+def masked_frame(opcode: int, payload: bytes, length_bytes: int) -> bytes:
+    """A final masked frame whose length takes `length_bytes` (0, 2 or 8: maybe non-minimal)."""
+    n = len(payload)
+    marker = {0: n, 2: 126, 8: 127}[length_bytes]
+    ext = struct.pack("!Q", n)
+    key = os.urandom(4)
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return bytes((0x80 | opcode, 0x80 | marker)) + ext[8 - length_bytes :] + key + masked
+
+
+@pytest.mark.parametrize(
+    ("size", "length_bytes"),
+    [
+        (0, 0),
+        (1, 0),
+        (119, 0),
+        (125, 0),
+        (0, 2),
+        (2, 2),
+        (119, 2),
+        (126, 2),
+        (900, 2),
+        (65535, 2),
+        (0, 8),
+        (119, 8),
+        (125, 8),
+        (900, 8),
+        (70000, 8),
+    ],
+)
+@pytest.mark.parametrize("opcode", [wscodec.OP_TEXT, wscodec.OP_BINARY])
+def test_one_whole_frame_per_feed_in_every_length_encoding(
+    size: int, length_bytes: int, opcode: int
+) -> None:
+    # The common case (one read = one whole frame) has a fast path; a 64-bit length of a
+    # 119-byte payload makes a 133-byte frame, as long as a 7-bit 127-byte one would be.
+    if length_bytes == 0 and size > 125:
+        pytest.skip("no 7-bit encoding")
+    text = ("é" * (size // 2) + "x" * (size % 2)).encode()  # size bytes, not all ASCII
+    payload = text if opcode == wscodec.OP_TEXT else os.urandom(size)
+    reader = wscodec.FrameReader(1 << 20)
+    for _ in range(3):
+        assert reader.feed(masked_frame(opcode, payload, length_bytes)) == (payload, [])
+    bad = b"\xff" + payload[1:] if size else b""
+    if opcode == wscodec.OP_TEXT and size:
+        with pytest.raises(wscodec.WsError) as info:
+            wscodec.FrameReader(1 << 20).feed(masked_frame(opcode, bad, length_bytes))
+        assert info.value.code == 1007
+    if size:
+        with pytest.raises(wscodec.WsError) as info:
+            wscodec.FrameReader(size - 1).feed(masked_frame(opcode, payload, length_bytes))
+        assert info.value.code == 1009
+
+
 def test_close_frame_gives_code_and_reason_then_nothing_more() -> None:
     reader = wscodec.FrameReader(1024)
     frame = client_frame(wscodec.OP_CLOSE, struct.pack("!H", 1000) + "bye ✓".encode())
