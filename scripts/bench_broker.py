@@ -229,7 +229,9 @@ async def bench(kind: str, nursery: trio.Nursery, port: int, n: int, subs: int) 
     )
 
 
-async def main(n: int, subs: int, ws_quart: bool, trio_ws: bool, asgi: bool) -> None:
+async def main(
+    n: int, subs: int, ws_quart: bool, trio_ws: bool, asgi: bool, write_pass: bool
+) -> None:
     acl = (AclRule("/topic/*", ("*",), ("*",)),)
     cfg = BrokerConfig(
         acl=acl,
@@ -243,6 +245,8 @@ async def main(n: int, subs: int, ws_quart: bool, trio_ws: bool, asgi: bool) -> 
     hc.bind = ["127.0.0.1:0"]
     hc.accesslog = hc.errorlog = None
     async with trio.open_nursery() as nursery:
+        if write_pass:
+            await nursery.start(broker.write_forever)
         listeners = await nursery.start(serve_stomp_tcp, broker, "127.0.0.1", 0)
         binds = await nursery.start(
             lambda task_status: serve_front(
@@ -283,5 +287,10 @@ if __name__ == "__main__":
     p.add_argument("--ws-quart", action="store_true", help="also measure the quart route")
     p.add_argument("--trio-ws", action="store_true", help="also measure a trio-websocket server")
     p.add_argument("--asgi", action="store_true", help="also measure the raw ASGI door alone")
+    p.add_argument(
+        "--no-write-pass",
+        action="store_true",
+        help="without Broker.write_forever: each frame written by the task producing it",
+    )
     a = p.parse_args()
-    trio.run(main, a.messages, a.subscribers, a.ws_quart, a.trio_ws, a.asgi)
+    trio.run(main, a.messages, a.subscribers, a.ws_quart, a.trio_ws, a.asgi, not a.no_write_pass)

@@ -8,9 +8,12 @@ nursery (inside the transport's handler task, so inside the server's nursery):
   (a slow `/app` handler back-pressures that one client, nobody else);
 - writer: drains the bounded outbound queue; the adapter writes everything queued in
   one send (WebSocket: still one STOMP frame per WebSocket message). When the adapter
-  offers `send_nowait` (a raw socket), a frame queued while the writer is idle and
-  nothing else is waiting is written at once by the task that produced it (one
-  syscall, no task switch); only what the kernel did not take wakes the writer;
+  offers `send_nowait` (a raw socket), frames queued while the writer is idle skip
+  it: the broker's write pass (`Broker.write_forever`) sends, once per scheduler
+  pass, everything each such connection got in one `send()` (no task switch per
+  frame; a RECEIPT and a MESSAGE produced in the same pass share a syscall). Without
+  a running write pass the producing task writes the frame at once. Only what the
+  kernel did not take wakes the writer;
 - timer: CONNECT timeout, heart-beats out, silent-peer detection.
 
 Every protocol violation becomes one ERROR frame (`message` header, `receipt-id` when
@@ -182,6 +185,7 @@ class Session:
         self._wake = trio.Event()
         self._send_nowait = getattr(conn, "send_nowait", None)
         self._writer_idle = False  # the writer waits for work (a direct write may go)
+        self._write_pending = False  # queued for the broker's next write pass
         self._to_report: dict[str, list[str]] = {}  # written, on_delivered not yet told
         self._timer_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -583,23 +587,45 @@ class Session:
         ):
             self.slow_consumer()
             return False
-        if (
-            self._writer_idle
-            and self._send_nowait is not None
-            and not self._out
-            and not self._inflight
-        ):
-            # nothing is queued or being written: write from this task, in order
-            if self._send_nowait((item,)):
-                self._written((item,))
-            else:
-                self._inflight = [item]  # the rest is in the adapter's buffer
-                self._wake.set()
-            return True
+        if self._writer_idle and self._send_nowait is not None and not self._inflight:
+            if self.broker.coalescing:
+                # the broker's write pass sends it, with whatever else this connection
+                # gets in this scheduler pass, in one send()
+                self._out.append(item)
+                self._out_bytes += len(item.data)
+                if not self._write_pending:
+                    self._write_pending = True
+                    self.broker.write_soon(self)
+                return True
+            if not self._out:
+                # nothing is queued or being written: write from this task, in order
+                if self._send_nowait((item,)):
+                    self._written((item,))
+                else:
+                    self._inflight = [item]  # the rest is in the adapter's buffer
+                    self._wake.set()
+                return True
         self._out.append(item)
         self._out_bytes += len(item.data)
         self._wake.set()
         return True
+
+    def write_queued(self) -> None:
+        """The broker's write pass: send everything queued in one `send_nowait` if the
+        writer task is idle (else the writer has it); only what the kernel did not take
+        wakes the writer."""
+        self._write_pending = False
+        if not self._out or not self._writer_idle or self._inflight or self._wake.is_set():
+            return
+        assert self._send_nowait is not None
+        batch = list(self._out)
+        self._out.clear()
+        self._out_bytes = 0
+        if self._send_nowait(batch):
+            self._written(batch)
+        else:
+            self._inflight = batch  # the rest is in the adapter's buffer
+            self._wake.set()
 
     def _written(self, items: Sequence[Outbound]) -> None:
         """Bookkeeping for frames the adapter wrote to the kernel."""

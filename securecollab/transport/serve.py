@@ -3,9 +3,9 @@
 `serve_stomp(ctx)` runs in the transports nursery: it listens on `[stomp] host:port`
 (0 disables; TLS when `tls_cert`/`tls_key` are set), records the bound port in
 `ctx.ports["stomp"]`, renews the node's presence registrations
-(`Broker.refresh_forever`), and when `ctx.shutdown` is set sends every session ERROR
-"server shutting down" and closes it (WebSockets with 1001) before returning, so
-hypercorn never waits on open WebSockets.
+(`Broker.refresh_forever`), runs the broker's write pass (`Broker.write_forever`), and
+when `ctx.shutdown` is set sends every session ERROR "server shutting down" and closes
+it (WebSockets with 1001) before returning, so hypercorn never waits on open WebSockets.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ async def serve_stomp(
             )
         # presence and private-queue registrations stay alive while this node runs
         nursery.start_soon(broker.refresh_forever)
+        # frames for idle connections: one send() per connection per scheduler pass
+        await nursery.start(broker.write_forever)
         task_status.started()
         await ctx.shutdown.wait()
         await broker.shutdown(max(0.5, ctx.settings.server.shutdown_timeout_s * 0.3))

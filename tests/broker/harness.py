@@ -68,9 +68,12 @@ class BrokerServer:
 
 @asynccontextmanager
 async def broker_server(
-    hooks: BrokerHooks | None = None, **config: Any
+    hooks: BrokerHooks | None = None, *, write_pass: bool = True, **config: Any
 ) -> AsyncIterator[BrokerServer]:
-    """Start a broker (TCP + WebSocket on ephemeral 127.0.0.1 ports) for one test."""
+    """Start a broker (TCP + WebSocket on ephemeral 127.0.0.1 ports) for one test.
+
+    `write_pass=False`: without `Broker.write_forever`, so frames go out from the task
+    that produces them (the bare-Broker path)."""
     cfg = replace(BrokerConfig(), **config)
     backplane = MemoryBackplane()
     broker = Broker(backplane, cfg, table_authenticate, hooks)
@@ -82,6 +85,8 @@ async def broker_server(
     hc.errorlog = None
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
+        if write_pass:
+            await nursery.start(broker.write_forever)
         listeners = await nursery.start(serve_stomp_tcp, broker, "127.0.0.1", 0)
         binds = await nursery.start(
             lambda task_status: serve_front(

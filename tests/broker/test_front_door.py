@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import struct
+from collections.abc import Sequence
 
 import pytest
 import trio
@@ -20,7 +21,9 @@ from wsproto.events import (
     TextMessage,
 )
 
+import stomp
 from securecollab.backplane import Delivery
+from securecollab.broker.session import Outbound
 
 from .harness import BrokerServer, broker_server
 
@@ -219,11 +222,12 @@ async def test_a_15_byte_key_is_not_an_upgrade() -> None:
         assert data.startswith(b"HTTP/1.1 "), data[:80]
 
 
-async def test_a_reader_that_stalls_gets_every_frame_in_order() -> None:
+@pytest.mark.parametrize("write_pass", [True, False], ids=["write-pass", "direct"])
+async def test_a_reader_that_stalls_gets_every_frame_in_order(write_pass: bool) -> None:
     # big messages fill the socket buffers: direct writes stop part-way, the rest is
     # buffered and written later, strictly in order, none lost or duplicated
     count, size = 300, 20_000
-    async with broker_server(outbound_queue_bytes=64 * 1024 * 1024) as srv:
+    async with broker_server(outbound_queue_bytes=64 * 1024 * 1024, write_pass=write_pass) as srv:
         c = await open_raw(srv.http_port)
         await c.handshake()
         await c.send_text(CONNECT)
@@ -237,3 +241,33 @@ async def test_a_reader_that_stalls_gets_every_frame_in_order() -> None:
         frames = await c.frames(count)
         seen = [int(f.split("\n\n", 1)[1][:6]) for f in frames]
         assert seen == list(range(count))
+
+
+@pytest.mark.parametrize("write_pass", [True, False], ids=["write-pass", "direct"])
+async def test_frames_queued_in_one_pass_share_one_send(write_pass: bool) -> None:
+    # with the broker's write pass, frames a connection gets in one scheduler pass go
+    # out in one send(); without it, each is written by the task that produced it
+    async with broker_server(write_pass=write_pass) as srv:
+        c = await open_raw(srv.http_port)
+        await c.handshake()
+        await c.send_text(CONNECT)
+        await c.frames(1)
+        (session,) = srv.broker.sessions.values()
+        send_nowait = session._send_nowait
+        assert send_nowait is not None
+        calls: list[int] = []
+
+        def counting(items: Sequence[Outbound]) -> bool:
+            calls.append(len(items))
+            return send_nowait(items)
+
+        session._send_nowait = counting
+        for i in range(3):
+            assert session.push_frame(stomp.Frame("RECEIPT", (("receipt-id", f"r{i}"),)))
+        frames = await c.frames(3)
+        assert [f.split("\n")[1] for f in frames] == [
+            "receipt-id:r0",
+            "receipt-id:r1",
+            "receipt-id:r2",
+        ]
+        assert calls == ([3] if write_pass else [1, 1, 1])

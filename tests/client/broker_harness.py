@@ -60,6 +60,7 @@ async def broker_on(
     hc.errorlog = None
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
+        await nursery.start(broker.write_forever)
         binds = await nursery.start(
             lambda task_status: serve_front(
                 asgi, hc, lambda: broker, shutdown_trigger=stop.wait, task_status=task_status
@@ -70,6 +71,7 @@ async def broker_on(
         finally:
             await broker.shutdown(1.0)
             stop.set()
+        nursery.cancel_scope.cancel()  # the write pass runs until cancelled
 
 
 class Restartable:
