@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar, dataclass_transform
 
 
 class StoreError(Exception):
@@ -52,8 +52,22 @@ class StoreUnavailable(StoreError):
 
 # --------------------------------------------------------------------------- records
 
+_R = TypeVar("_R")
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass_transform(frozen_default=True)
+def record(cls: type[_R]) -> type[_R]:
+    """A store record: a slotted dataclass, read-only to the type checker, not at runtime.
+
+    Why not `frozen=True`: a frozen dataclass's __init__ sets every field through
+    object.__setattr__ (9 fields: ~1.4 us instead of ~0.5 us), and a message builds three
+    records on the event loop. mypy still rejects assignments to a field (frozen_default);
+    nothing hashes records, and at runtime they are unhashable (eq without frozen).
+    """
+    return dataclass(slots=True)(cls)
+
+
+@record
 class UserRecord:
     user_id: str  # email-like, e.g. alice@example.com (case preserved, compared lowercased)
     password_hash: str  # argon2id encoded hash
@@ -64,7 +78,7 @@ class UserRecord:
     deletion_scheduled_at: int | None = None  # GDPR grace period (later issue)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RefreshTokenRecord:
     token_hash: str  # sha256 hex of the opaque refresh token; the token itself is never stored
     user_id: str
@@ -76,7 +90,7 @@ class RefreshTokenRecord:
     device_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AuditRecord:
     actor: str | None  # userId, or None for anonymous / system
     action: str  # e.g. "auth.register", "auth.login.failure", "channel.invite"
@@ -87,7 +101,7 @@ class AuditRecord:
     id: int | None = None  # assigned by the store
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeviceKeyRecord:
     bundle_id: str
     user_id: str
@@ -97,7 +111,7 @@ class DeviceKeyRecord:
     last_used_at: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ChannelRecord:
     id: str
     name: str
@@ -107,7 +121,7 @@ class ChannelRecord:
     created_at: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MemberRecord:
     channel_id: str
     user_id: str
@@ -115,7 +129,7 @@ class MemberRecord:
     joined_at: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MessageRecord:
     id: str  # UUIDv7 text: time-ordered, so ORDER BY id == ORDER BY time
     sender_id: str
@@ -128,7 +142,7 @@ class MessageRecord:
     client_message_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class OutboxRecord:
     id: str  # event id (the message id for message events)
     topic: str  # e.g. "chat.messages"
@@ -138,7 +152,7 @@ class OutboxRecord:
     sent_at: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class OfflineEntry:
     user_id: str  # recipient
     message: MessageRecord
@@ -146,13 +160,13 @@ class OfflineEntry:
     expires_at: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class InsertResult:
     message: MessageRecord  # the stored message (the original one on an idempotent retry)
     created: bool  # False when (sender_id, client_message_id) already existed
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Page:
     """History paging: newest first. All filters are optional and combine with AND."""
 
@@ -163,7 +177,7 @@ class Page:
     before_id: str | None = None  # id < before_id (cursor paging)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class BatchStats:
     size: int
     seconds: float
