@@ -159,7 +159,8 @@ class Parser:
             raise self._error
         events: list[Event] = []
         try:
-            self._feed(data, events)
+            if self._buf or type(data) is not bytes or not self._feed_one(data, events):
+                self._feed(data, events)
         except ProtocolError as exc:
             exc.events = events
             self._error = exc
@@ -167,6 +168,64 @@ class Parser:
             self._pending = None
             raise
         return events
+
+    def _feed_one(self, data: bytes, events: list[Event]) -> bool:
+        """Parse ``data`` when it is exactly one plain, complete frame; else return False.
+
+        What a client sends almost always (one frame per WebSocket message or per read):
+        the general loop below then does three scans of the head, keeps resume state and
+        unpacks a pending tuple for nothing. This path takes only frames with LF line
+        ends, no backslash, CR or NUL in the head, a well-formed header on every line,
+        a body ending at the last byte, within every limit; anything else (including
+        every error but the validation of a well-formed frame) returns False having
+        changed nothing, and the general loop parses it (and raises) exactly as before.
+        """
+        n = len(data)
+        if n < 3 or data[-1] != 0:
+            return False
+        limits = self.limits
+        head_end = data.find(b"\n\n", 0, limits.max_header_line + 2)
+        if head_end <= 0 or head_end > limits.max_header_line or n > limits.max_frame_bytes:
+            return False
+        try:
+            text = data[:head_end].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        if "\r" in text or "\x00" in text or "\\" in text:
+            return False
+        lines = text.split("\n")
+        command = lines[0]
+        if not command or len(lines) > limits.max_headers + 1:
+            return False  # no command: the input starts with heart-beats
+        headers_list: list[tuple[str, str]] = []
+        length = -1
+        for i in range(1, len(lines)):
+            name, sep, value = lines[i].partition(":")
+            if not sep or not name:
+                return False
+            if length < 0 and name == "content-length":
+                if not (value.isascii() and value.isdigit()) or len(value) > 12:
+                    return False
+                length = int(value)
+                if length > limits.max_body_bytes:
+                    return False
+            headers_list.append((name, value))
+        body_start = head_end + 2
+        if length >= 0:
+            if body_start + length != n - 1:
+                return False
+        elif data.find(b"\x00", body_start) != n - 1 or n - 1 - body_start > limits.max_body_bytes:
+            return False
+        headers = tuple(headers_list)
+        body = data[body_start:-1]
+        if self.validate:
+            version = self._version
+            check_headers(command, headers, version, self.side)
+            check_body(command, body, version)
+        events.append(Frame(command, headers, body))
+        if command in UNESCAPED_COMMANDS:
+            self._switch_version(command, headers)
+        return True
 
     # The hot path. Complete frames are cut straight out of the caller's bytes (no copy
     # into the buffer) with bytes.find; only a partial tail is kept, with enough resume

@@ -145,3 +145,86 @@ def test_short_fuzz_run() -> None:
     finally:
         sys.path.pop(0)
     assert fuzz_stomp.run_random(4000, seed=7) == 4000
+
+
+def _outcome(
+    parser: Parser, pieces: list[bytes]
+) -> tuple[list[stomp.Event], tuple[str, str] | None, str]:
+    """Events, error (reason, message) and the version after feeding ``pieces``."""
+    got: list[stomp.Event] = []
+    try:
+        for piece in pieces:
+            got += parser.feed(piece)
+    except ProtocolError as exc:
+        return got + exc.events, (exc.reason, exc.message), parser.version
+    return got, None, parser.version
+
+
+# One frame per input, as a client sends it, with the near misses of the whole-frame path
+# (parser._feed_one): CRLF, escapes, NULs, bad lengths, missing headers, limits.
+ONE_FRAME = (
+    b"SEND\ndestination:/app/chat.send\ncontent-type:application/json\nreceipt:r17\n"
+    b'content-length:12\n\n{"a":"\xc3\xa9"}\x00'
+)
+
+
+@st.composite
+def one_frame_inputs(draw: st.DrawFn) -> bytes:
+    data = bytearray(
+        draw(
+            st.sampled_from(
+                [
+                    ONE_FRAME,
+                    b"SEND\ndestination:/a\n\nhello\x00",
+                    b"CONNECT\naccept-version:1.0,1.1\nhost:x\n\n\x00",
+                    b"SUBSCRIBE\nid:0\ndestination:/t\nack:client-individual\n\n\x00",
+                    b"DISCONNECT\nreceipt:7\n\n\x00",
+                    b"ACK\nid:1\n\n\x00",
+                    b"SEND\ndestination:/a\ncontent-length:150\n\n" + b"y" * 150 + b"\x00",
+                    b"SEND\ndestination:/a\n\n" + b"z" * 150 + b"\x00",
+                ]
+            )
+        )
+    )
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(data)))
+        if draw(st.booleans()) and at < len(data):
+            del data[at]
+        else:
+            data[at:at] = draw(
+                st.sampled_from(
+                    [
+                        b"\x00",
+                        b"\n",
+                        b"\r",
+                        b"\r\n",
+                        b"\\",
+                        b"\\c",
+                        b":",
+                        b"\xff",
+                        b"x" * 90,
+                        b"content-length:3\n",
+                        b"content-length:x\n",
+                        b"\n\n",
+                    ]
+                )
+            )
+    return bytes(data)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    one_frame_inputs(),
+    st.sampled_from(stomp.VERSIONS),
+    st.sampled_from(["server", "client"]),
+    st.booleans(),
+    st.sampled_from([Limits(), SMALL, Limits(max_headers=3, max_header_line=30)]),
+)
+def test_one_whole_frame_parses_as_it_does_split(
+    data: bytes, version: str, side: str, validate: bool, limits: Limits
+) -> None:
+    # A feed of one whole frame takes a shortcut; the same bytes in two feeds take the
+    # general loop. Both must give the same frames, error and version.
+    whole = _outcome(Parser(version, limits, side=side, validate=validate), [data])
+    split = _outcome(Parser(version, limits, side=side, validate=validate), [data[:1], data[1:]])
+    assert whole == split
