@@ -18,6 +18,7 @@ Every refusal is a `BadJson` (a ValueError) whose message says what was wrong.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 MAX_DEPTH = 32  # arrays/objects inside each other; the API's deepest shape is 2
@@ -83,6 +84,54 @@ _DECODER = json.JSONDecoder(
 )
 
 
+# The same decoder without the duplicate-key hook: objects are built in C, without a
+# Python call each. Only for `_flat_object`, which proves the absence of duplicates.
+_SCAN_FLAT: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder(  # type: ignore[attr-defined]
+    parse_constant=_no_constants, parse_float=_finite_float
+).scan_once
+
+
+def _keys_if_flat(value: dict[str, Any]) -> int:
+    """Keys of `value` plus those of the objects directly in it; -1 if anything nests deeper
+    (an array, or an object in an object in `value`)."""
+    n = len(value)
+    for item in value.values():
+        kind = type(item)
+        if kind is dict:
+            n += len(item)
+            for inner in item.values():
+                if type(inner) is dict or type(inner) is list:
+                    return -1
+        elif kind is list:
+            return -1
+    return n
+
+
+def _flat_object(text: str) -> dict[str, Any] | None:
+    """`text` decoded, when it is an object at most two levels deep with no backslash
+    in it; None when the full path must decide (it also raises every error).
+
+    Why: this is the shape of every message envelope, and for it the checks of the full
+    path reduce to counting. No backslash: no escape, so no NUL or lone surrogate (text
+    decoded from UTF-8 has none, the scanner refuses raw control characters) and no
+    quote inside a string. Every key is followed by one ':' outside strings, so when the
+    ':' in the whole text are exactly as many as the decoded keys, no object repeated a
+    key (a repeat leaves fewer keys than ':'). Two levels are within MAX_DEPTH.
+    """
+    if "\\" in text:
+        return None
+    try:
+        value, end = _SCAN_FLAT(text, 0)
+    except Exception:  # StopIteration, JSONDecodeError, BadJson...: the full path says which
+        return None
+    if end != len(text) or type(value) is not dict:
+        return None
+    keys = _keys_if_flat(value)
+    if keys < 0 or keys != text.count(":"):
+        return None
+    return value
+
+
 def loads(data: bytes | str) -> Any:
     """Decode one JSON document from a client; BadJson (with a reason) when unacceptable."""
     from_utf8 = isinstance(data, bytes)
@@ -95,6 +144,15 @@ def loads(data: bytes | str) -> Any:
         text = data
     if text.startswith("\ufeff"):
         text = text[1:]  # RFC 8259 lets a parser ignore a byte order mark
+    if from_utf8 and text[:1] == "{":
+        flat = _flat_object(text)
+        if flat is not None:
+            return flat
+    return _decode(text, from_utf8)
+
+
+def _decode(text: str, from_utf8: bool) -> Any:
+    """The full path of `loads` (`from_utf8`: `text` was decoded from UTF-8 bytes)."""
     try:
         value = _DECODER.decode(text)
     except BadJson:
@@ -107,7 +165,12 @@ def loads(data: bytes | str) -> Any:
     # and json.loads refuses raw control characters, so NUL or a lone surrogate can only
     # come from a \u escape; and nesting deeper than MAX_DEPTH needs more than MAX_DEPTH
     # brackets. Without either, the tree walk cannot refuse anything.
-    if from_utf8 and "\\u" not in text and text.count("[") + text.count("{") <= MAX_DEPTH:
+    # (`"\\" not in` first: a one-character search is memchr, "\\u" a slower one)
+    if (
+        from_utf8
+        and ("\\" not in text or "\\u" not in text)
+        and text.count("[") + text.count("{") <= MAX_DEPTH
+    ):
         return value
     _check_tree(value)
     return value

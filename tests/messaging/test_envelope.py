@@ -6,9 +6,11 @@ import base64
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from securecollab.client import e2ee
-from securecollab.services.envelope import MAX_KEYS, parse_envelope
+from securecollab.services.envelope import MAX_KEYS, _checked, parse_envelope
 from securecollab.services.errors import InvalidInput
 
 MAX = 65536
@@ -97,3 +99,47 @@ def test_unknown_fields_and_non_objects_are_refused() -> None:
     assert "must be a JSON object" in reason(["to", "bob"])
     assert "clientMessageId must be a non-empty string" in reason(good(clientMessageId=7))
     assert "clientMessageId is longer" in reason(good(clientMessageId="x" * 200))
+
+
+def _b64_of(n: int) -> str:
+    return base64.b64encode(bytes(range(n % 256)) * (n // 256) + bytes(n % 256)).decode()
+
+
+FIELD_VALUES = {
+    "to": ["bob@example.com", "", "  ", 7, None, "x" * 320, "x" * 321],
+    "channelId": [None, None, "c1", "", " ", "c" * 64, "c" * 65, ["c1"]],
+    "encryptedContent": [_b64_of(40), _b64_of(1), "", "QUJD", "QUJ", "QUJD\n", "QU=D", 5, None,
+                         "é", _b64_of(100), _b64_of(101)],
+    "iv": [_b64_of(12), _b64_of(16), _b64_of(11), _b64_of(13), _b64_of(17), "", 12, None],
+    "keys": [None, {}, {"bob/phone": _b64_of(93)}, {"": _b64_of(9)}, {"k" * 451: _b64_of(9)},
+             {"bob/phone": ""}, {"bob/phone": "%%"}, {"bob/phone": _b64_of(1024)},
+             {"bob/phone": _b64_of(1025)}, {"a": 1}, ["bob/phone"],
+             {f"d{i}": "QQ==" for i in range(257)}],
+    "clientMessageId": [None, "m-1", "", " ", "m" * 128, "m" * 129, 3],
+    "text": [None, None, None, None, "hi"],
+    "extra": [None, None, None, None, 1],
+}  # fmt: skip
+
+
+# each field keeps its first (acceptable) value 3 times in 4, so many envelopes pass
+ENVELOPES = st.fixed_dictionaries(
+    {f: st.sampled_from(v[:1] * 3 * len(v) + v) for f, v in FIELD_VALUES.items()}
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(ENVELOPES)
+def test_the_fast_check_decides_as_the_field_by_field_one(fields: dict[str, object]) -> None:
+    obj = {k: v for k, v in fields.items() if v is not None or k == "channelId"}
+    if fields["channelId"] is None and fields["to"] is not None:
+        del obj["channelId"]  # absent, the common case (present as null is tried too)
+    for max_bytes in (MAX, 100):
+        try:
+            fast: object = parse_envelope(obj, max_content_bytes=max_bytes)
+        except InvalidInput as exc:
+            fast = ("refused", str(exc), exc.code)
+        try:
+            slow: object = _checked(obj, max_bytes)
+        except InvalidInput as exc:
+            slow = ("refused", str(exc), exc.code)
+        assert fast == slow
