@@ -30,16 +30,18 @@ class WriteOp(Generic[T]):
     """One queued write: the function the writer runs, then its outcome.
 
     `fn` receives the writer's connection: a sqlite3.Connection (and returns the result),
-    or an asyncpg.Connection (and returns an awaitable of the result). `result`/`error` are
-    set by the writer; `complete()` is called on the trio thread once the batch's fate is
-    known, and wakes the task parked in `wait()` (directly: no Event per write).
+    or an asyncpg.Connection (and returns an awaitable of the result). `result` starts as
+    given (SQLite gives a message insert its created-message result up front, so the writer
+    need not send it back); `result`/`error` are set by the writer; `complete()` is called
+    on the trio thread once the batch's fate is known, and wakes the task parked in
+    `wait()` (directly: no Event per write).
     """
 
     __slots__ = ("_done", "_task", "error", "fn", "result")
 
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
+    def __init__(self, fn: Callable[[Any], Any], result: T | None = None) -> None:
         self.fn = fn
-        self.result: T | None = None
+        self.result = result
         self.error: BaseException | None = None
         self._done = False
         self._task: trio.lowlevel.Task | None = None

@@ -2,7 +2,8 @@
 
 Writes: every write method sends a write op to ONE writer process owned by the store
 (`sqlite_writer`, started by `open_sqlite`, gone when the store closes or the server
-dies). The ops of one scheduler tick go in one pipe write; the writer takes every op
+dies). Each op is encoded when submitted (one small frame, `sqlite_writer.encode_request`);
+the frames of one scheduler tick go in one pipe write (`os.writev`); the writer takes every op
 sent (up to `batch_max`; see `groupcommit.BatchPolicy` for the `batch_wait_ms` linger),
 runs them all in one `BEGIN IMMEDIATE` transaction, commits once (`synchronous=FULL`:
 durable when COMMIT returns), then answers the whole batch in one frame, which wakes
@@ -13,8 +14,9 @@ op (e.g. a unique violation -> `Conflict`) fails only itself.
 Why a process: a writer thread had to win the GIL back from the event loop after every
 statement, which made it the bottleneck of 1:1 messaging (see `sqlite_writer`). A write op
 is therefore a `functools.partial` of a module-level function (connection last): it is
-pickled to the writer. If the writer process dies, every unanswered and later write fails
-with StoreUnavailable, and `ping` (readiness) fails: restart the server.
+pickled to the writer (inside its request's marshal frame). If the writer process dies,
+every unanswered and later write fails with StoreUnavailable, and `ping` (readiness)
+fails: restart the server.
 
 `insert_message`, the hot write, has a fast path in that optimistic pass: consecutive
 message ops of a batch run as ONE multi-row INSERT per table (messages, direct_peers,
@@ -224,9 +226,10 @@ class SQLiteStore:
         self._writer_done = trio.Event()  # set once the writer exited and was reaped
         self._inflight: dict[int, WriteOp[Any]] = {}  # sent or about to be, not answered
         self._next_op = 0
-        self._outgoing: list[W.Request] = []  # requests of this scheduler tick, not yet sent
+        # request frames of this scheduler tick, not sent yet (memoryview: a partial write)
+        self._outgoing: list[bytes | memoryview] = []
         self._flusher: trio.lowlevel.Task | None = None  # parked, waiting for requests
-        self._sending = False  # the flusher is writing a frame (never interleave another)
+        self._sending = False  # the flusher is writing frames (never interleave others)
         self._io_running = False  # the flusher and the receive loop are alive
         self._decoder = W.FrameDecoder()
 
@@ -353,7 +356,9 @@ class SQLiteStore:
                 if not data:
                     break
                 for kind, detail in self._decoder.feed(data):
-                    if kind == "batch":
+                    if kind == "done":
+                        self._batch_committed(*detail)
+                    elif kind == "batch":
                         self._batch_done(*detail)
         except Exception as exc:  # a broken protocol: this writer cannot be trusted
             log.error("SQLite writer process: %r; stopping it", exc)
@@ -367,9 +372,19 @@ class SQLiteStore:
         )
         self._writer_done.set()
 
+    def _batch_committed(self, seconds: float, op_ids: list[int]) -> None:
+        """A batch whose ops all succeeded with the result they already hold (None, or
+        the `InsertResult` of a created message, set by `insert_message`)."""
+        pop = self._inflight.pop
+        # an id we never sent is a protocol bug: the KeyError stops this writer
+        ops = [pop(op_id) for op_id in op_ids]
+        self._metrics.observe(ops, seconds, failed=0)
+        finish_batch(self.stats, ops, seconds)
+
     def _batch_done(
         self, seconds: float, failed: int | None, outcomes: list[tuple[int, Any, Any]]
     ) -> None:
+        """A batch with a failed op or a result to deliver (each op's own outcome)."""
         ops: list[WriteOp[Any]] = []
         inflight = self._inflight
         for op_id, error, result in outcomes:
@@ -379,9 +394,7 @@ class SQLiteStore:
                 continue
             if error is not None:
                 op.error = error
-            elif result is None and type(op) is _MessageWrite:
-                op.result = InsertResult(op.message, created=True)
-            else:
+            elif result is not None:  # None: keep the result the op holds
                 op.result = result
             ops.append(op)
         self._metrics.observe(ops, seconds, failed=failed)
@@ -403,84 +416,42 @@ class SQLiteStore:
             op.complete()
 
     async def _flush_loop(self) -> None:
-        """Send the requests queued during one scheduler tick (in frames of bounded size)."""
+        """Send the request frames queued during one scheduler tick."""
         while True:
             if not self._outgoing:
                 self._flusher = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._abort_flusher)
-            requests, self._outgoing = self._outgoing, []
+            frames, self._outgoing = self._outgoing, []
             self._sending = True
             try:
-                for frame in self._frames(requests):
-                    await self._send(frame)
+                await self._send(frames)
             finally:
                 self._sending = False
-
-    def _frames(self, requests: list[W.Request]) -> list[bytes]:
-        """`requests` as frames of at most `batch_max` requests and `W.FRAME_LIMIT` bytes.
-
-        A request that does not pickle, or is alone over the limit, fails alone.
-        """
-        frames: list[bytes] = []
-        step = self._batch_max
-        for i in range(0, len(requests), step):
-            self._split(requests[i : i + step], frames)
-        return frames
-
-    def _split(self, requests: list[W.Request], frames: list[bytes]) -> None:
-        data, good = self._encode(requests)
-        if len(data) <= W.FRAME_LIMIT or not good:
-            if good:
-                frames.append(data)
-            return
-        if len(good) == 1:
-            self._fail_request(good[0], StoreError("write too large for one frame to the writer"))
-            return
-        middle = len(good) // 2
-        self._split(good[:middle], frames)
-        self._split(good[middle:], frames)
-
-    def _encode(self, requests: list[W.Request]) -> tuple[bytes, list[W.Request]]:
-        """One frame of `requests`, and the requests in it (one that does not pickle
-        fails alone and is left out)."""
-        try:
-            return W.encode_frame(requests), requests
-        except Exception:
-            good: list[W.Request] = []
-            for request in requests:
-                try:
-                    W.encode_frame(request)
-                except Exception as exc:
-                    self._fail_request(
-                        request, StoreError(f"write op cannot be sent to the writer: {exc!r}")
-                    )
-                else:
-                    good.append(request)
-            return W.encode_frame(good), good
-
-    def _fail_request(self, request: W.Request, error: StoreError) -> None:
-        op = self._inflight.pop(request[0], None)
-        if op is not None:
-            op.result = None
-            op.error = error
-            op.complete()
 
     def _abort_flusher(self, _raise_cancel: Any) -> trio.lowlevel.Abort:
         self._flusher = None
         return trio.lowlevel.Abort.SUCCEEDED
 
-    async def _send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
+    async def _send(self, frames: list[bytes | memoryview]) -> None:
+        """Write `frames` in order, `_IOV_MAX` per `os.writev` (no joined copy of them)."""
+        fd = self._to_writer
+        i = 0
+        while i < len(frames):
+            chunk = frames[i : i + _IOV_MAX]
             try:
-                n = os.write(self._to_writer, view)
+                n = os.writev(fd, chunk)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._to_writer)
+                await trio.lowlevel.wait_writable(fd)
                 continue
             except OSError as exc:  # the writer is gone; the receive loop reports it
                 log.error("SQLite writer process: %s", exc)
                 await trio.sleep_forever()
-            view = view[n:]
+            for frame in chunk:  # skip what was written; keep the rest of a partial frame
+                if n < len(frame):
+                    frames[i] = memoryview(frame)[n:]
+                    break
+                n -= len(frame)
+                i += 1
 
     async def _reap(self) -> int | None:
         proc = self._proc
@@ -535,14 +506,22 @@ class SQLiteStore:
             pickled = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise StoreError(f"write op cannot be sent to the writer: {exc!r}") from exc
-        return await self._submit(WriteOp(fn), (pickled, None))
+        return await self._submit(WriteOp(fn), pickled, None)
 
-    async def _submit(self, op: WriteOp[T], request: tuple[Any, Any]) -> T:
+    async def _submit(self, op: WriteOp[T], fn: bytes | None, message_args: Any) -> T:
+        """Encode the request (see `sqlite_writer`), queue it for the flusher, wait for
+        its batch. A request that cannot be encoded or is too large fails alone, here."""
         if self._writer_gone is not None or self._closing:
             raise StoreUnavailable(self._writer_gone or "the store is closed")
         op_id = self._next_op = self._next_op + 1
+        try:
+            frame = W.encode_request((op_id, fn, message_args))
+        except ValueError as exc:
+            raise StoreError(f"write op cannot be sent to the writer: {exc!r}") from exc
+        if len(frame) > W.FRAME_LIMIT:
+            raise StoreError("write too large for one frame to the writer")
         self._inflight[op_id] = op
-        self._outgoing.append((op_id, *request))
+        self._outgoing.append(frame)
         flusher = self._flusher
         if flusher is not None:
             self._flusher = None
@@ -799,9 +778,15 @@ class SQLiteStore:
         outbox: Sequence[OutboxRecord] = (),
     ) -> InsertResult:
         R.check_message(message)
-        op = _MessageWrite(message, offline_for, offline_expires_at, outbox)
-        request = (R.message_fields(message), op.offline_for, op.expires_at, op.outbox)
-        return await self._submit(op, (None, request))
+        # the result of a created message, set now: the writer answers it with None
+        op = WriteOp(_runs_in_the_writer, InsertResult(message, created=True))
+        request = (
+            R.message_fields(message),
+            tuple(offline_for),
+            offline_expires_at,
+            [R.outbox_params(e) for e in outbox],
+        )
+        return await self._submit(op, None, request)
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
         row = await self._fetchone(
@@ -1045,6 +1030,9 @@ def _op_add_members(
     return added
 
 
+#: Frames per `os.writev` (Linux's IOV_MAX).
+_IOV_MAX = 1024
+
 _OUTBOX_INSERT = f"INSERT INTO outbox ({R.OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
 _MESSAGE_INSERT = f"INSERT INTO messages ({R.MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _MESSAGE_BY_CLIENT_ID = (
@@ -1058,31 +1046,6 @@ _OFFLINE_INSERT = (
     "INSERT INTO offline_queue (user_id, message_id, queued_at, expires_at)"
     " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, message_id) DO NOTHING"
 )
-
-
-class _MessageWrite(WriteOp[InsertResult]):
-    """A sent `insert_message`: the parent keeps what the caller passed.
-
-    The writer process runs it (with the other messages of its batch); for a message it
-    created it answers None and `_batch_done` builds the result from `message` here, so
-    the record never travels back.
-    """
-
-    __slots__ = ("expires_at", "message", "offline_for", "outbox")
-
-    def __init__(
-        self,
-        message: MessageRecord,
-        offline_for: Sequence[str],
-        offline_expires_at: int,
-        outbox: Sequence[OutboxRecord],
-    ) -> None:
-        super().__init__(_runs_in_the_writer)
-        self.message = message
-        # tuples: they are pickled as sent, whatever the caller does with its own lists
-        self.offline_for = tuple(offline_for)
-        self.expires_at = offline_expires_at
-        self.outbox = tuple(R.outbox_params(e) for e in outbox)
 
 
 def _runs_in_the_writer(c: sqlite3.Connection) -> InsertResult:  # pragma: no cover

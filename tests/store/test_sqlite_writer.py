@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import marshal
 import os
 import signal
 from functools import partial
@@ -20,7 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from securecollab.store import Page, StoreError, StoreUnavailable, open_store
-from securecollab.store.sqlite_writer import FRAME_LIMIT, FrameDecoder, encode_frame
+from securecollab.store.sqlite_writer import (
+    FRAME_LIMIT,
+    FrameDecoder,
+    encode_frame,
+    encode_request,
+)
 from tests.store import writer_ops  # not ".": the writer process imports it by this name
 
 from .factories import message, user
@@ -81,6 +87,22 @@ async def test_a_write_that_cannot_be_sent_fails_alone(tmp_path: Path) -> None:
         assert await store.get_user("good@example.com") is not None
 
 
+async def test_a_message_marshal_refuses_fails_alone(tmp_path: Path) -> None:
+    # requests travel as marshal, which writes exact built-in types only
+    class Text(str):
+        pass
+
+    async with open_store(_url(tmp_path)) as store:
+        await store.migrate()
+        odd = dataclasses.replace(
+            message("odd@example.com", to="hub@example.com"), keys={"d": Text("k")}
+        )
+        with pytest.raises(StoreError, match="cannot be sent"):
+            await store.insert_message(odd)
+        assert (await store.insert_message(message("ok@example.com", to="hub@example.com"))).created
+        assert await store.get_message(odd.id) is None
+
+
 @pytest.mark.parametrize("content_bytes", [0, 24_000])
 async def test_close_commits_writes_already_sent(tmp_path: Path, content_bytes: int) -> None:
     # 400 x 32 KiB of base64 is far more than the pipe holds: the flusher is still
@@ -118,10 +140,18 @@ async def test_close_commits_writes_already_sent(tmp_path: Path, content_bytes: 
 @given(
     st.lists(st.binary(max_size=300), min_size=1, max_size=8),
     st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=40),
+    st.booleans(),
 )
-def test_frames_decode_under_any_chunking(objs: list[bytes], cuts: list[int]) -> None:
-    stream = b"".join(encode_frame(o) for o in objs)
-    decoder = FrameDecoder()
+def test_frames_decode_under_any_chunking(blobs: list[bytes], cuts: list[int], req: bool) -> None:
+    objs: list[object]
+    if req:  # requests: marshal frames
+        objs = [(i, blob, None) for i, blob in enumerate(blobs)]
+        stream = b"".join(encode_request((i, blob, None)) for i, blob in enumerate(blobs))
+        decoder = FrameDecoder(marshal.loads)
+    else:  # replies: pickle frames
+        objs = list(blobs)
+        stream = b"".join(encode_frame(o) for o in objs)
+        decoder = FrameDecoder()
     got: list[object] = []
     pos = 0
     for cut in cuts * (len(stream) // max(1, sum(cuts)) + 1):
