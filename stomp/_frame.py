@@ -110,6 +110,23 @@ class Frame:
         return Frame(self.command, tuple(p for p in self.headers if p[0] != name), self.body)
 
 
+_new = object.__new__
+_slot = vars(Frame)  # the slot descriptors: their __set__ ignores frozen=True
+_set_command = _slot["command"].__set__
+_set_headers = _slot["headers"].__set__
+_set_body = _slot["body"].__set__
+
+
+def new_frame(command: str, headers: Headers, body: bytes) -> Frame:
+    """``Frame(command, headers, body)`` for the parser: a third faster than a frozen
+    dataclass's ``__init__`` (which goes through ``object.__setattr__`` per field)."""
+    frame = _new(Frame)
+    _set_command(frame, command)
+    _set_headers(frame, headers)
+    _set_body(frame, body)
+    return frame
+
+
 class _SentinelMeta(type):
     def __new__(
         cls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwds: Any

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from ._errors import ProtocolError
-from ._frame import UNESCAPED_COMMANDS, VERSIONS, Frame, Headers, HeartBeat, Limits
+from ._frame import UNESCAPED_COMMANDS, VERSIONS, Frame, Headers, HeartBeat, Limits, new_frame
 from ._negotiate import negotiate_version
 from ._validate import check_body, check_headers
 
@@ -222,7 +222,7 @@ class Parser:
             version = self._version
             check_headers(command, headers, version, self.side)
             check_body(command, body, version)
-        events.append(Frame(command, headers, body))
+        events.append(new_frame(command, headers, body))
         if command in UNESCAPED_COMMANDS:
             self._switch_version(command, headers)
         return True
@@ -370,7 +370,7 @@ class Parser:
             body = bytes(buf[bstart:end])
             if do_validate:
                 check_body(command, body, self._version)
-            append(Frame(command, headers, body))
+            append(new_frame(command, headers, body))
             pos = end + 1
             pending = None
             self._lines = 0

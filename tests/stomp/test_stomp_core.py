@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import stomp
@@ -289,3 +291,14 @@ def test_parsed_content_length_with_leading_zero_re_encodes() -> None:
     assert frame.body == b"hello"
     (again,) = Parser().feed(stomp.encode(frame))
     assert again == frame
+
+
+def test_new_frame_is_the_frame_the_constructor_makes() -> None:
+    from stomp._frame import new_frame
+
+    made = new_frame("SEND", (("destination", "/a"),), b"x")
+    assert made == Frame("SEND", (("destination", "/a"),), b"x")
+    assert hash(made) == hash(Frame("SEND", (("destination", "/a"),), b"x"))
+    assert repr(made) == repr(Frame("SEND", (("destination", "/a"),), b"x"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.command = "MESSAGE"  # type: ignore[misc]
