@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+from securecollab import ids
 from securecollab.ids import now_ms, uuid7
 
 
@@ -26,3 +27,20 @@ def test_uuid7_ids_sort_in_creation_order_even_within_a_millisecond() -> None:
     for i in ids:
         firsts.setdefault(i[:13], i)
     assert len({v[-12:] for v in firsts.values()}) == len(firsts)
+
+
+def test_uuid7_steps_past_a_previous_id_from_a_later_clock() -> None:
+    # the previous id is ahead of the clock (same millisecond, or the clock stepped back);
+    # the last case carries out of the random bits into the millisecond
+    saved = ids._last_v7_text
+    for last, expected in [
+        ("ffffffff-fff0-7abc-9def-000000000041", "ffffffff-fff0-7abc-9def-000000000042"),
+        ("ffffffff-fff0-7abc-9fff-ffffffffffff", "ffffffff-fff0-7abc-a000-000000000000"),
+        ("ffffffff-fff0-7fff-bfff-ffffffffffff", "ffffffff-fff1-7000-8000-000000000000"),
+    ]:
+        ids._last_v7_text = last
+        got = uuid7()
+        assert got == expected
+        assert got > last
+        assert uuid.UUID(got).version == 7 and uuid.UUID(got).variant == uuid.RFC_4122
+    ids._last_v7_text = saved  # (ids from the far future would stall the clock part)
