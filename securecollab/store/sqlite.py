@@ -506,11 +506,14 @@ class SQLiteStore:
             pickled = pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
             raise StoreError(f"write op cannot be sent to the writer: {exc!r}") from exc
-        return await self._submit(WriteOp(fn), pickled, None)
+        op: WriteOp[T] = WriteOp(fn)
+        self._queue(op, pickled, None)
+        return await op.wait()
 
-    async def _submit(self, op: WriteOp[T], fn: bytes | None, message_args: Any) -> T:
-        """Encode the request (see `sqlite_writer`), queue it for the flusher, wait for
-        its batch. A request that cannot be encoded or is too large fails alone, here."""
+    def _queue(self, op: WriteOp[Any], fn: bytes | None, message_args: Any) -> None:
+        """Encode the request (see `sqlite_writer`) and queue it for the flusher; the
+        caller then awaits `op.wait()` (not in here: one coroutine less per write). A
+        request that cannot be encoded or is too large fails alone, here."""
         if self._writer_gone is not None or self._closing:
             raise StoreUnavailable(self._writer_gone or "the store is closed")
         op_id = self._next_op = self._next_op + 1
@@ -526,7 +529,6 @@ class SQLiteStore:
         if flusher is not None:
             self._flusher = None
             trio.lowlevel.reschedule(flusher)
-        return await op.wait()
 
     # ------------------------------------------------------------------ readers
 
@@ -786,7 +788,8 @@ class SQLiteStore:
             offline_expires_at,
             [R.outbox_params(e) for e in outbox],
         )
-        return await self._submit(op, None, request)
+        self._queue(op, None, request)
+        return await op.wait()
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
         row = await self._fetchone(
