@@ -15,6 +15,11 @@ FRAMES_IN = Counter("securecollab_stomp_frames_in", "STOMP frames received", ["c
 FRAMES_OUT = Counter(
     "securecollab_stomp_frames_out", "STOMP frames written to clients", ["command"]
 )
+WRITES = Counter(
+    "securecollab_stomp_writes",
+    "Socket writes of frames to clients (one write may carry several frames:"
+    " frames_out / writes is the coalescing)",
+)
 DELIVERIES = Counter(
     "securecollab_stomp_deliveries", "MESSAGE frames delivered to subscriptions", ["kind"]
 )

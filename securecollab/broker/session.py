@@ -630,6 +630,7 @@ class Session:
     def _written(self, items: Sequence[Outbound]) -> None:
         """Bookkeeping for frames the adapter wrote to the kernel."""
         self.last_send = trio.current_time()
+        metrics.WRITES.inc()
         delivered: list[tuple[str, str]] = []
         for item in items:
             metrics.frames_out(item.command).inc()

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 import trio
+from prometheus_client import REGISTRY
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -262,6 +263,7 @@ async def test_frames_queued_in_one_pass_share_one_send(write_pass: bool) -> Non
             return send_nowait(items)
 
         session._send_nowait = counting
+        writes = REGISTRY.get_sample_value("securecollab_stomp_writes_total") or 0.0
         for i in range(3):
             assert session.push_frame(stomp.Frame("RECEIPT", (("receipt-id", f"r{i}"),)))
         frames = await c.frames(3)
@@ -271,3 +273,4 @@ async def test_frames_queued_in_one_pass_share_one_send(write_pass: bool) -> Non
             "receipt-id:r2",
         ]
         assert calls == ([3] if write_pass else [1, 1, 1])
+        assert REGISTRY.get_sample_value("securecollab_stomp_writes_total") == writes + len(calls)
