@@ -23,15 +23,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from securecollab.records import record
 
-@dataclass(frozen=True, slots=True)
+
+@record  # built per SEND (the rate limit): not frozen at runtime, see securecollab/records.py
 class RateDecision:
     allowed: bool
     count: int  # hits inside the window, this one included when allowed
     retry_after_ms: int  # 0 when allowed; else when the oldest hit leaves the window
 
 
-@dataclass(frozen=True, slots=True)
+@record  # built per message: not frozen at runtime, see securecollab/records.py
 class Delivery:
     """One message for local delivery on every node.
 
