@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import binascii
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from securecollab.records import record
 from securecollab.services.errors import InvalidInput
 
 MAX_KEYS = 256  # devices a message key may be wrapped for (recipients' + sender's)
@@ -46,7 +46,7 @@ _WRAPPED_KEY_CHARS = 4 * ((MAX_WRAPPED_KEY_BYTES + 2) // 3)
 _a2b_base64 = binascii.a2b_base64
 
 
-@dataclass(frozen=True, slots=True)
+@record  # built per message: not frozen at runtime (see securecollab.records)
 class Envelope:
     """A validated envelope; base64 fields keep the exact text the client sent."""
 
@@ -160,6 +160,7 @@ def _well_formed(obj: dict[str, Any], max_content_bytes: int) -> Envelope | None
             if size <= 0 or size > MAX_WRAPPED_KEY_BYTES:
                 return None
         keys = keys_in.copy()
+    # content and iv are str: _b64_len said so (mypy cannot follow it)
     return Envelope(to, channel_id, content, iv, keys, cmid)  # type: ignore[arg-type]
 
 

@@ -47,7 +47,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
@@ -55,6 +54,7 @@ import trio
 
 from securecollab.backplane import Backplane, Delivery
 from securecollab.ids import now_ms, user_key, uuid7
+from securecollab.records import record
 from securecollab.services.envelope import Envelope, parse_envelope
 from securecollab.services.errors import InvalidInput, NotFoundError
 from securecollab.services.membership import ChannelMembers
@@ -141,7 +141,7 @@ def outbox_payload(m: MessageRecord, content_bytes: int) -> bytes:
     ).encode()
 
 
-@dataclass(frozen=True, slots=True)
+@record  # built per message: not frozen at runtime (see securecollab.records)
 class SendResult:
     message: MessageRecord
     created: bool  # False on an idempotent retry (clientMessageId seen before)
