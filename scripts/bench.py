@@ -6,8 +6,10 @@
     .venv/bin/python scripts/bench.py --only ours --workloads 1,2 --duration 5
 
 Workloads (STOMP over WebSocket, text frames, no compression, 127.0.0.1 only):
-  1. 1:1 persisted: N users (--users 200), user i sends to user i+1 with a receipt
-     on every SEND; a fixed offered rate (--rate 1000 msg/s) and a ramp of offered
+  1. 1:1 persisted: N users (--users 200), user i sends to user i+1 (--pairing next;
+     or along a fixed random cycle: --pairing shuffled) with a receipt on every SEND,
+     users sending in index order, evenly spaced; a fixed offered rate (--rate 1000
+     msg/s) and a ramp of offered
      rates (--ramp) to find the maximum sustainable rate: delivered >= 95 % of
      offered, nothing lost, p99 < 1 s.
   2. Channel fan-out: one sender, one channel with --fanout-subs (1000) subscribed
@@ -38,6 +40,7 @@ import functools
 import json
 import os
 import platform
+import random
 import resource
 import select
 import shutil
@@ -217,10 +220,21 @@ class Target:
         return None
 
     # -- workload 1 user specs
-    def direct_users(self, n: int, run: str) -> list[dict[str, Any]]:
+    def direct_users(self, n: int, run: str, pairing: str = "next") -> list[dict[str, Any]]:
+        """Workload 1's senders in send order. Every user sends to one peer and gets
+        from one: "next" pairs user i with i+1, so a connection's RECEIPT and its incoming
+        MESSAGE come from messages sent one slot apart (a server that writes both in one
+        syscall when they are produced together benefits); "shuffled" pairs along a
+        fixed random cycle, so the two are unrelated in time."""
+        peer_of = [(i + 1) % n for i in range(n)]
+        if pairing == "shuffled":
+            cycle = list(range(n))
+            random.Random(7).shuffle(cycle)
+            for k, i in enumerate(cycle):
+                peer_of[i] = cycle[(k + 1) % n]
         out = []
         for i in range(n):
-            me, peer = self.users[i], self.users[(i + 1) % n]
+            me, peer = self.users[i], self.users[peer_of[i]]
             if self.name == "ours":
                 sub, sub_h = "/user/queue/private", {}
                 send = {"destination": "/app/chat/send", "content-type": "application/json"}
@@ -228,7 +242,7 @@ class Target:
             else:
                 sub, sub_h = f"/queue/bench-{run}-u{i}", {}
                 send = {
-                    "destination": f"/queue/bench-{run}-u{(i + 1) % n}",
+                    "destination": f"/queue/bench-{run}-u{peer_of[i]}",
                     "persistent": "true",
                     "content-type": "application/json",
                 }
@@ -591,7 +605,7 @@ def run_direct(
     """Workload 1 at one offered rate (optionally with workload 4's REST load alongside)."""
     n = args.users
     phase = uuid.uuid4().hex[:6]
-    users = target.direct_users(n, f"{run}{phase}")
+    users = target.direct_users(n, f"{run}{phase}", args.pairing)
     per_user = rate / n
     count = max(1, round(per_user * duration))
     specs = []
@@ -890,6 +904,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         " enough: RabbitMQ workload 1 at 7,500 msg/s took 37 %% of one core)",
     )
     p.add_argument("--users", type=int, default=200, help="workload 1 users")
+    p.add_argument(
+        "--pairing",
+        choices=("next", "shuffled"),
+        default="next",
+        help="workload 1: user i sends to i+1 (next) or along a fixed random cycle (shuffled)",
+    )
     p.add_argument("--rate", type=float, default=1000, help="workload 1 fixed rate, msg/s")
     p.add_argument("--duration", type=float, default=10, help="seconds per workload-1 phase")
     p.add_argument(
@@ -972,8 +992,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if 1 in wl:
                     print(
-                        f"\n[{name}] workload 1: 1:1 persisted, {args.users} users, receipts;"
-                        f" {args.duration:g} s per phase (latency ms)"
+                        f"\n[{name}] workload 1: 1:1 persisted, {args.users} users, receipts,"
+                        f" pairing {args.pairing}; {args.duration:g} s per phase (latency ms)"
                     )
                     print(DIRECT_HEAD)
                     row = run_direct(target, args, args.rate, args.duration, tmp, run)
