@@ -38,6 +38,7 @@ from securecollab.broker.core import Broker
 from securecollab.broker.hooks import Credentials, Identity
 from securecollab.broker.session import Outbound, TransportClosed
 from securecollab.transport.front import serve_front
+from securecollab.transport.sockio import ReadReactor
 from securecollab.transport.tcp import serve_stomp_tcp
 from securecollab.transport.websocket import (
     StompWebSocketASGI,
@@ -247,6 +248,7 @@ async def main(
     async with trio.open_nursery() as nursery:
         if write_pass:
             await nursery.start(broker.write_forever)
+            await nursery.start(ReadReactor().run)
         listeners = await nursery.start(serve_stomp_tcp, broker, "127.0.0.1", 0)
         binds = await nursery.start(
             lambda task_status: serve_front(
@@ -290,7 +292,7 @@ if __name__ == "__main__":
     p.add_argument(
         "--no-write-pass",
         action="store_true",
-        help="without Broker.write_forever: each frame written by the task producing it",
+        help="without Broker.write_forever and the ReadReactor (the bare-Broker paths)",
     )
     a = p.parse_args()
     trio.run(main, a.messages, a.subscribers, a.ws_quart, a.trio_ws, a.asgi, not a.no_write_pass)

@@ -3,7 +3,8 @@
 `serve_stomp(ctx)` runs in the transports nursery: it listens on `[stomp] host:port`
 (0 disables; TLS when `tls_cert`/`tls_key` are set), records the bound port in
 `ctx.ports["stomp"]`, renews the node's presence registrations
-(`Broker.refresh_forever`), runs the broker's write pass (`Broker.write_forever`), and
+(`Broker.refresh_forever`), runs the broker's write pass (`Broker.write_forever`) and
+the sockets' `ReadReactor`, and
 when `ctx.shutdown` is set sends every session ERROR "server shutting down" and closes
 it (WebSockets with 1001) before returning, so hypercorn never waits on open WebSockets.
 """
@@ -17,6 +18,7 @@ import trio
 
 from securecollab.broker.core import Broker
 from securecollab.netaddr import trusted_networks
+from securecollab.transport.sockio import ReadReactor
 from securecollab.transport.tcp import serve_stomp_tcp, tls_context
 from securecollab.transport.websocket import ASGIApp, StompWebSocketASGI
 
@@ -61,6 +63,8 @@ async def serve_stomp(
         nursery.start_soon(broker.refresh_forever)
         # frames for idle connections: one send() per connection per scheduler pass
         await nursery.start(broker.write_forever)
+        # readability of client sockets through one edge-triggered epoll set
+        await nursery.start(ReadReactor().run)
         task_status.started()
         await ctx.shutdown.wait()
         await broker.shutdown(max(0.5, ctx.settings.server.shutdown_timeout_s * 0.3))

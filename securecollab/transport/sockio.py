@@ -10,17 +10,111 @@ it (a fan-out delivering to 1,000 subscribers, an `/app` handler queuing a RECEI
 one `send()` syscall, no task switch, no event-loop round trip per frame. Whatever the
 kernel does not take stays buffered and the caller is told to wake its writer.
 `StreamIO` wraps a `trio.abc.Stream` (used for TLS); it has no such shortcut.
+
+`ReadReactor` (run by the server next to the broker's write pass) tells `SocketIO`
+readers that their socket became readable through one edge-triggered epoll set of its
+own, each socket registered once. Through trio's `wait_readable` every wait re-arms a
+one-shot registration (an `epoll_ctl` syscall and its bookkeeping per client frame);
+through the reactor a frame costs a dict entry, and a scheduler pass one `epoll_wait`
+on the reactor's set however many sockets became readable in it. Without a running
+reactor (tests that build bare transports) readers use trio's `wait_readable`.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 
+import outcome
 import trio
 
 from securecollab.broker.session import TransportClosed
 
 RECEIVE_BYTES = 65_536
+_EDGE_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+
+
+class ReadReactor:
+    """Readability of many sockets through one edge-triggered epoll set (module docstring).
+
+    Edge-triggered: the kernel reports a socket once per arrival of data. An edge that
+    comes while its reader is busy (processing the previous frame) is remembered in
+    `_ready`, so its next wait returns at once; the reader then reads until `recv()`
+    comes back short, as `SocketIO.recv` does. A spurious wake-up (an fd number reused
+    after a close) costs one `recv()` that fails with EAGAIN and a new wait.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._waiting: dict[int, trio.lowlevel.Task] = {}
+        self._ready: set[int] = set()
+        self.running = False
+
+    def register(self, fd: int) -> None:
+        """Watch `fd` until `unregister`; an fd that is readable already is reported."""
+        self._epoll.register(fd, _EDGE_READ)
+        self._ready.add(fd)  # whatever came before registration: read before waiting
+
+    def unregister(self, fd: int) -> None:
+        """Stop watching `fd` (before it is closed); its waiting reader gets
+        ClosedResourceError."""
+        self._ready.discard(fd)
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass  # already closed
+        task = self._waiting.pop(fd, None)
+        if task is not None:
+            trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError("closed")))
+
+    async def wait_readable(self, fd: int) -> None:
+        """Until `fd` got data (or an edge came since the last wait); a checkpoint."""
+        if fd in self._ready:
+            self._ready.discard(fd)
+            await trio.lowlevel.checkpoint()
+            return
+        if fd in self._waiting:
+            raise trio.BusyResourceError("another task is already reading this socket")
+        task = trio.lowlevel.current_task()
+        self._waiting[fd] = task
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            if self._waiting.get(fd) is task:
+                del self._waiting[fd]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve readers until cancelled; then wake them all (they fall back to trio)."""
+        self.running = True
+        _REACTOR.set(self)
+        task_status.started()
+        epoll = self._epoll
+        waiting = self._waiting
+        ready = self._ready
+        reschedule = trio.lowlevel.reschedule
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, _flags in epoll.poll(0):
+                    task = waiting.pop(fd, None)
+                    if task is None:
+                        ready.add(fd)
+                    else:
+                        reschedule(task)
+        finally:
+            self.running = False
+            _REACTOR.set(None)
+            for task in waiting.values():
+                reschedule(task)  # a spurious wake-up: the reader tries recv() again
+            waiting.clear()
+            epoll.close()
+
+
+_REACTOR: trio.lowlevel.RunVar[ReadReactor | None] = trio.lowlevel.RunVar(
+    "securecollab_read_reactor", None
+)
 
 
 class SocketIO:
@@ -37,6 +131,7 @@ class SocketIO:
         self._broken = False
         self._closed = False
         self._drained = False  # the last recv() did not fill its buffer
+        self._reactor: ReadReactor | None = None  # registered with it at the first wait
 
     async def recv(self) -> bytes:
         """Next bytes from the peer; b"" once it closed or the connection broke.
@@ -50,7 +145,7 @@ class SocketIO:
         sock = self.sock
         if self._drained:
             try:
-                await trio.lowlevel.wait_readable(sock)
+                await self._wait_readable()
             except (trio.ClosedResourceError, OSError):
                 return b""
         while True:
@@ -58,7 +153,7 @@ class SocketIO:
                 data = sock.recv(RECEIVE_BYTES)
             except BlockingIOError:
                 try:
-                    await trio.lowlevel.wait_readable(sock)
+                    await self._wait_readable()
                 except (trio.ClosedResourceError, OSError):
                     return b""
                 continue
@@ -66,6 +161,18 @@ class SocketIO:
                 return b""
             self._drained = len(data) < RECEIVE_BYTES
             return data
+
+    async def _wait_readable(self) -> None:
+        reactor = self._reactor
+        if reactor is None:
+            reactor = _REACTOR.get()
+            if reactor is not None and not self._closed:
+                reactor.register(self.sock.fileno())
+                self._reactor = reactor
+        if reactor is not None and reactor.running:
+            await reactor.wait_readable(self.sock.fileno())
+        else:
+            await trio.lowlevel.wait_readable(self.sock)
 
     def write_nowait(self, data: bytes) -> bool:
         """Write `data` now if possible; True when all of it is in the kernel.
@@ -129,6 +236,8 @@ class SocketIO:
         if self._closed:
             return
         self._closed = True
+        if self._reactor is not None:
+            self._reactor.unregister(self.sock.fileno())
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
 

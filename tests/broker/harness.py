@@ -23,6 +23,7 @@ from securecollab.broker.core import Broker
 from securecollab.broker.errors import AuthenticationFailed
 from securecollab.broker.hooks import BrokerHooks, Credentials, Identity
 from securecollab.transport.front import serve_front
+from securecollab.transport.sockio import ReadReactor
 from securecollab.transport.tcp import serve_stomp_tcp
 from securecollab.transport.websocket import StompWebSocketASGI
 
@@ -72,8 +73,9 @@ async def broker_server(
 ) -> AsyncIterator[BrokerServer]:
     """Start a broker (TCP + WebSocket on ephemeral 127.0.0.1 ports) for one test.
 
-    `write_pass=False`: without `Broker.write_forever`, so frames go out from the task
-    that produces them (the bare-Broker path)."""
+    `write_pass=False`: without `Broker.write_forever` and the `ReadReactor`, so frames
+    go out from the task that produces them and readers wait through trio (the paths
+    of a bare Broker)."""
     cfg = replace(BrokerConfig(), **config)
     backplane = MemoryBackplane()
     broker = Broker(backplane, cfg, table_authenticate, hooks)
@@ -87,6 +89,7 @@ async def broker_server(
     async with trio.open_nursery() as nursery:
         if write_pass:
             await nursery.start(broker.write_forever)
+            await nursery.start(ReadReactor().run)
         listeners = await nursery.start(serve_stomp_tcp, broker, "127.0.0.1", 0)
         binds = await nursery.start(
             lambda task_status: serve_front(

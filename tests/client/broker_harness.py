@@ -22,6 +22,7 @@ from securecollab.broker.core import Broker
 from securecollab.broker.errors import AuthenticationFailed
 from securecollab.broker.hooks import BrokerHooks, Credentials, Identity
 from securecollab.transport.front import serve_front
+from securecollab.transport.sockio import ReadReactor
 from securecollab.transport.websocket import StompWebSocketASGI
 
 PERMISSIVE = (AclRule("/queue/*", ("*",), ("*",)), AclRule("/topic/*", ("*",), ("*",)))
@@ -61,6 +62,7 @@ async def broker_on(
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.write_forever)
+        await nursery.start(ReadReactor().run)
         binds = await nursery.start(
             lambda task_status: serve_front(
                 asgi, hc, lambda: broker, shutdown_trigger=stop.wait, task_status=task_status
