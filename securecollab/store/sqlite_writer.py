@@ -57,6 +57,7 @@ import signal
 import sqlite3
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -415,6 +416,12 @@ def serve(path: str, batch_max: int, batch_wait_ms: float, fd_in: int = 0, fd_ou
     except (sqlite3.Error, OSError) as exc:
         _reply(fd_out, ("error", f"cannot open SQLite database {path}: {exc}"))
         return 1
+    try:
+        checkpointer = Checkpointer(path, conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        _reply(fd_out, ("error", f"cannot open SQLite database {path}: {exc}"))
+        return 1
     runner = BatchRunner(conn)
     requests = Requests(fd_in, BatchPolicy(batch_max, batch_wait_ms))
     parent_alive = _reply(fd_out, ("ready", None))
@@ -426,6 +433,7 @@ def serve(path: str, batch_max: int, batch_wait_ms: float, fd_in: int = 0, fd_ou
             started = time.perf_counter()
             failed = runner.run(batch)
             seconds = time.perf_counter() - started
+            checkpointer.committed()
             if not parent_alive:
                 continue
             reply: tuple[str, Any]
@@ -435,7 +443,58 @@ def serve(path: str, batch_max: int, batch_wait_ms: float, fd_in: int = 0, fd_ou
                 reply = ("batch", (seconds, failed, _outcomes(batch)))
             parent_alive = _reply(fd_out, reply)
     finally:
+        checkpointer.close()
         conn.close()
+
+
+class Checkpointer:
+    """WAL checkpoints in a thread of the writer process, off the commit path.
+
+    Why: SQLite's automatic checkpoint runs inside the COMMIT that takes the WAL past
+    1,000 pages, so that batch's writers wait for it (py-spy at 7,000 msg/s: ~16 % of
+    the writer's samples were checkpoints inside COMMIT). Here the writer connection's
+    own threshold is only a safety net (`SAFETY_PAGES`, for a checkpointer that falls
+    behind), and a second connection runs a PASSIVE checkpoint (it never blocks the
+    writer nor waits for readers) at most every `INTERVAL_S` after commits. sqlite3
+    releases the GIL while it works, so it overlaps the next batch. A page changed by
+    many commits in between is copied into the database once, not once per 1,000 pages
+    of WAL. Durability is the COMMIT's (WAL, synchronous=FULL), as before.
+    """
+
+    INTERVAL_S = 0.1
+    SAFETY_PAGES = 16_384  # 64 MiB of WAL at 4 KiB pages
+
+    def __init__(self, path: str, writer: sqlite3.Connection) -> None:
+        self._conn = S._connect(path, read_only=False)
+        writer.execute(f"PRAGMA wal_autocheckpoint = {self.SAFETY_PAGES}")
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def committed(self) -> None:
+        """A batch committed: checkpoint soon."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            if self._stopping:
+                return
+            self._wake.clear()
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except sqlite3.Error as exc:  # the safety net checkpoints instead
+                print(f"sqlite writer: background checkpoint failed: {exc}", file=sys.stderr)
+            time.sleep(self.INTERVAL_S)
+
+    def close(self) -> None:
+        """Stop the thread (after its checkpoint in progress) and close its connection."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            self._conn.close()
 
 
 # ---------------------------------------------------------------------- test hooks

@@ -253,3 +253,27 @@ async def test_an_op_the_writer_cannot_load_fails_alone(tmp_path: Path) -> None:
 
 def _local_op(text: str, c: object) -> str:  # pragma: no cover - runs nowhere
     return text
+
+
+async def test_the_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
+    # ~10 MiB of messages in bursts: without the writer's checkpoint thread (its own
+    # automatic checkpoint is only a 64 MiB safety net) the WAL would hold all of it;
+    # with it, the WAL is checkpointed and reused while the bursts go on
+    big = base64.b64encode(os.urandom(12_000)).decode()
+    async with open_store(_url(tmp_path)) as store:
+        await store.migrate()
+        for _ in range(20):
+            batch = [
+                dataclasses.replace(
+                    message(f"u{i}@example.com", to="hub@example.com"), encrypted_content=big
+                )
+                for i in range(40)
+            ]
+            async with trio.open_nursery() as nursery:
+                for m in batch:
+                    nursery.start_soon(store.insert_message, m)
+            await trio.sleep(0.15)  # the checkpoint thread runs at most every 0.1 s
+        wal_bytes = os.stat(f"{tmp_path}/db/writer.db-wal").st_size
+        assert wal_bytes < 4 * 1024 * 1024, wal_bytes
+        page = await store.list_direct_messages("u3@example.com", "hub@example.com", Page())
+        assert len(page) == 20
