@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import trio
 
 from securecollab.backplane import Delivery
@@ -95,3 +96,25 @@ async def test_slow_consumer_is_cut_off_while_others_keep_receiving() -> None:
             assert frames[-2].lstrip(b"\n").startswith(b"ERROR")  # the last frame
             assert sent * len(body) > 512 * 1024  # the byte bound was what tripped
             await slow_stream.aclose()
+
+
+@pytest.mark.parametrize("write_pass", [True, False], ids=["write-pass", "direct"])
+async def test_a_backlog_longer_than_the_outbound_queue_reaches_a_consumer_that_reads(
+    write_pass: bool,
+) -> None:
+    # a queue's backlog goes to a new consumer in one go (one scheduler pass): what the
+    # kernel takes at once is not "waiting for this connection", so a client that reads
+    # gets all of it; only one that does not read is a slow consumer
+    async with broker_server(
+        acl=OPEN, outbound_queue_frames=20, send_limit=1_000, write_pass=write_pass
+    ) as srv:
+        async with tcp_client(srv.tcp_port) as producer, tcp_client(srv.tcp_port) as consumer:
+            await producer.connect(passcode="token-alice")
+            await consumer.connect(passcode="token-bob")
+            for i in range(49):
+                await producer.frame("SEND", {"destination": "/queue/jobs"}, str(i))
+            await producer.receipt("SEND", {"destination": "/queue/jobs"}, "49", rid="last")
+            await consumer.subscribe("/queue/jobs")
+            bodies = [(await consumer.next("MESSAGE")).body for _ in range(50)]
+            assert bodies == [str(i).encode() for i in range(50)]
+            assert not consumer.closed.is_set()
