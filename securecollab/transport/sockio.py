@@ -70,8 +70,10 @@ class ReadReactor:
     async def wait_readable(self, fd: int) -> None:
         """Until `fd` got data (or an edge came since the last wait); a checkpoint."""
         if fd in self._ready:
-            self._ready.discard(fd)
             await trio.lowlevel.checkpoint()
+            # consumed only now: a wait cancelled at that checkpoint keeps the edge (its
+            # data is still unread, and the kernel reports no new edge for it)
+            self._ready.discard(fd)
             return
         if fd in self._waiting:
             raise trio.BusyResourceError("another task is already reading this socket")

@@ -93,3 +93,23 @@ async def test_readers_fall_back_to_trio_when_the_reactor_stops() -> None:
     assert result == [b"b"]
     io.close()
     peer.close()
+
+
+async def test_a_cancelled_wait_keeps_an_edge_that_came_while_the_reader_was_busy() -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ReadReactor().run)
+        io, peer = pair()
+        peer.send(b"x")
+        assert await io.recv() == b"x"
+        with trio.move_on_after(0.05):  # registered with the reactor, read dry, waiting
+            await io.recv()
+        peer.send(b"y")  # its edge comes while nobody waits: remembered
+        await trio.sleep(0.05)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await io.recv()  # cancelled at its checkpoint: reads nothing
+        with trio.fail_after(2):
+            assert await io.recv() == b"y"
+        io.close()
+        peer.close()
+        nursery.cancel_scope.cancel()
