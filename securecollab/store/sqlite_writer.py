@@ -479,9 +479,11 @@ class Checkpointer:
     def _run(self) -> None:
         while True:
             self._wake.wait()
+            # cleared before the check: a close() between the two is seen now, or its
+            # set() survives for the next wait (cleared after the check, it was lost)
+            self._wake.clear()
             if self._stopping:
                 return
-            self._wake.clear()
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             except sqlite3.Error as exc:  # the safety net checkpoints instead

@@ -12,6 +12,8 @@ import dataclasses
 import marshal
 import os
 import signal
+import sqlite3
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 from securecollab.store import Page, StoreError, StoreUnavailable, open_store
 from securecollab.store.sqlite_writer import (
     FRAME_LIMIT,
+    Checkpointer,
     FrameDecoder,
     encode_frame,
     encode_request,
@@ -277,3 +280,27 @@ async def test_the_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None
         assert wal_bytes < 4 * 1024 * 1024, wal_bytes
         page = await store.list_direct_messages("u3@example.com", "hub@example.com", Page())
         assert len(page) == 20
+
+
+def test_the_checkpoint_thread_stops_when_close_comes_just_as_it_wakes(tmp_path: Path) -> None:
+    # the writer's last commit wakes the thread, and EOF makes the writer close it before
+    # the thread consumed that wake-up: the stop request must not be cleared with it
+    # (the thread then slept on forever and closing the store waited 30 s for it)
+    writer = sqlite3.connect(tmp_path / "db", isolation_level=None)
+    writer.execute("PRAGMA journal_mode = WAL")
+    checkpointer = Checkpointer(str(tmp_path / "db"), writer)
+    waiting_on = checkpointer._wake  # the event the idle thread waits on now
+
+    class CloseBeforeClear(threading.Event):
+        def clear(self) -> None:
+            # close() lands between the thread's wake-up and its clear()
+            checkpointer._stopping = True
+            self.set()
+            super().clear()
+
+    checkpointer._wake = CloseBeforeClear()  # what the thread uses once awake
+    waiting_on.set()  # a commit wakes the thread
+    checkpointer._thread.join(timeout=2)
+    assert not checkpointer._thread.is_alive()
+    checkpointer.close()
+    writer.close()
