@@ -300,6 +300,7 @@ class FrontDoor:
                 return
             if not buf:
                 return  # closed, or silent for the whole keep-alive timeout
+            io.release()
             stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
             owned = False  # the socket belongs to the stream (and hypercorn) now
             await self._hypercorn(stream, buf)

@@ -176,6 +176,13 @@ class SocketIO:
         else:
             await trio.lowlevel.wait_readable(self.sock)
 
+    def release(self) -> None:
+        """The socket gets another owner (hypercorn, for a plain HTTP request): stop
+        watching it through the reactor, which would wake for every request on it."""
+        if self._reactor is not None:
+            self._reactor.unregister(self.sock.fileno())
+            self._reactor = None
+
     def write_nowait(self, data: bytes) -> bool:
         """Write `data` now if possible; True when all of it is in the kernel.
 
