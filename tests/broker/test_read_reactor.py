@@ -14,6 +14,14 @@ def pair() -> tuple[SocketIO, socket.socket]:
     return SocketIO(a), b
 
 
+async def read_then_wait_in_vain(io: SocketIO, peer: socket.socket) -> None:
+    """Read one chunk, then wait in the reactor (registered, read dry) until cancelled."""
+    peer.send(b"x")
+    assert await io.recv() == b"x"
+    with trio.move_on_after(0.05):
+        await io.recv()
+
+
 async def test_readers_get_data_that_arrives_while_they_wait_or_work() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(ReadReactor().run)
@@ -50,11 +58,8 @@ async def test_close_and_cancel_of_a_waiting_reader() -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(ReadReactor().run)
         io, peer = pair()
-        peer.send(b"x")
-        assert await io.recv() == b"x"
         # a cancelled wait leaves nothing behind: the next wait works
-        with trio.move_on_after(0.05):
-            await io.recv()
+        await read_then_wait_in_vain(io, peer)
         peer.send(b"y")
         with trio.fail_after(2):
             assert await io.recv() == b"y"
@@ -99,10 +104,7 @@ async def test_a_cancelled_wait_keeps_an_edge_that_came_while_the_reader_was_bus
     async with trio.open_nursery() as nursery:
         await nursery.start(ReadReactor().run)
         io, peer = pair()
-        peer.send(b"x")
-        assert await io.recv() == b"x"
-        with trio.move_on_after(0.05):  # registered with the reactor, read dry, waiting
-            await io.recv()
+        await read_then_wait_in_vain(io, peer)
         peer.send(b"y")  # its edge comes while nobody waits: remembered
         await trio.sleep(0.05)
         with trio.CancelScope() as scope:
