@@ -1,12 +1,12 @@
 """Start the broker's doors for a server: the raw TCP listener and the `/ws` door.
 
 `serve_stomp(ctx)` runs in the transports nursery: it listens on `[stomp] host:port`
-(0 disables; TLS when `tls_cert`/`tls_key` are set), records the bound port in
-`ctx.ports["stomp"]`, renews the node's presence registrations
-(`Broker.refresh_forever`), runs the broker's write pass (`Broker.write_forever`) and
-the sockets' `ReadReactor`, and
-when `ctx.shutdown` is set sends every session ERROR "server shutting down" and closes
-it (WebSockets with 1001) before returning, so hypercorn never waits on open WebSockets.
+(host empty: `[http] host`; port 0 disables; TLS when `tls_cert`/`tls_key` are set),
+records the bound port in `ctx.ports["stomp"]`, renews the node's presence registrations
+(`Broker.refresh_forever`), runs the broker's write pass (`Broker.write_forever`) and the
+sockets' `ReadReactor`, and when `ctx.shutdown` is set sends every session ERROR "server
+shutting down" and closes it (WebSockets with 1001) before returning, so hypercorn never
+waits on open WebSockets.
 """
 
 from __future__ import annotations
@@ -51,12 +51,22 @@ async def serve_stomp(
     async with trio.open_nursery() as nursery:
         if s.port != 0:
             tls = tls_context(s.tls_cert, s.tls_key) if s.tls_cert else None
-            listeners = await nursery.start(serve_stomp_tcp, broker, s.host, s.port, tls)
+            # `[stomp] host` empty means the HTTP listen address (127.0.0.1 by default),
+            # never "every interface" (serve_stomp_tcp's meaning of "")
+            host = s.host or ctx.settings.http.host
+            try:
+                listeners = await nursery.start(serve_stomp_tcp, broker, host, s.port, tls)
+            except OSError as exc:  # e.g. another STOMP broker (RabbitMQ's plugin) on 61613
+                raise OSError(
+                    exc.errno,
+                    f"cannot listen for STOMP/TCP on {host}:{s.port} ([stomp] port; 0"
+                    f" disables it): {exc.strerror or exc}",
+                ) from exc
             ctx.ports["stomp"] = listeners[0].socket.getsockname()[1]
             log.info(
                 "stomp listening",
                 extra={
-                    "fields": {"port": ctx.ports["stomp"], "host": s.host, "tls": tls is not None}
+                    "fields": {"port": ctx.ports["stomp"], "host": host, "tls": tls is not None}
                 },
             )
         # presence and private-queue registrations stay alive while this node runs

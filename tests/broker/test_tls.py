@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from tests.support.server import (
@@ -49,3 +50,16 @@ async def test_stomp_over_tls(tmp_path: Path) -> None:
                 data = await plain.receive_some(1024)
         assert not data
         await plain.aclose()
+
+
+async def test_stomp_tcp_listens_on_the_http_address_when_its_host_is_empty(
+    tmp_path: Path,
+) -> None:
+    # [stomp] host "" means [http] host (127.0.0.1 here), not every interface: the
+    # listener answers on 127.0.0.1 and refuses ::1
+    async with running_server(tmp_path, stomp__port=free_port(), stomp__host="") as srv:
+        assert srv.ctx.settings.http.host == "127.0.0.1"
+        stream = await trio.open_tcp_stream("127.0.0.1", srv.ports["stomp"])
+        await stream.aclose()
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("::1", srv.ports["stomp"])
