@@ -72,6 +72,9 @@ DRAIN_TIMEOUT_S = 15.0
 _CONNECTION_ERRORS = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # a connection whose backend was terminated mid-operation can fail with a protocol
+    # state error ("cannot switch to state 12; another operation (2) is in progress")
+    asyncpg.InternalClientError,
     ConnectionError,
     OSError,
 )

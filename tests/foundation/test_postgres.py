@@ -59,3 +59,17 @@ async def test_readyz_503_when_postgres_is_unreachable(tmp_path: Path, pg_url: s
             r = await c.get("/readyz")
             assert r.status_code == 503 and r.json()["error"] == "not_ready"
             assert (await c.get("/healthz")).status_code == 200
+
+
+def test_a_broken_connection_state_is_store_unavailable() -> None:
+    # what a pooled connection whose backend was terminated mid-query raised in a CI
+    # run (readiness then answered 500 instead of 503)
+    import asyncpg
+
+    from securecollab.store import StoreUnavailable
+    from securecollab.store.postgres import _map_error
+
+    exc = asyncpg.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    )
+    assert isinstance(_map_error(exc), StoreUnavailable)
