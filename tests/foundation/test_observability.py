@@ -43,6 +43,13 @@ async def test_healthz_and_readyz(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert r.status_code == 503 and r.json()["error"] == "not_ready"
         assert (await c.get("/healthz")).status_code == 200  # alive, just not ready
 
+        async def driver_bug() -> None:  # an error the store did not map
+            raise ValueError("cannot switch to state 12")
+
+        monkeypatch.setattr(srv.ctx.store, "ping", driver_bug)
+        r = await c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"] == "not_ready"
+
 
 async def test_readyz_503_while_shutting_down(tmp_path: Path) -> None:
     async with running_server(tmp_path) as srv, httpx.AsyncClient(base_url=srv.base_url) as c:

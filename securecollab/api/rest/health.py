@@ -8,6 +8,7 @@ counts of sessions, messages and errors are not for the internet).
 from __future__ import annotations
 
 import hmac
+import logging
 
 import trio
 from pydantic import BaseModel
@@ -18,6 +19,8 @@ from securecollab.api.rest.errors import error_response
 from securecollab.api.rest.middleware import app_ctx, public
 from securecollab.api.rest.schemas import ErrorBody
 from securecollab.store import StoreError
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("health", __name__)
 
@@ -51,6 +54,9 @@ async def readyz() -> StatusOut | Response:
         with trio.fail_after(READY_TIMEOUT_S):
             await ctx.store.ping()
     except (StoreError, trio.TooSlowError, OSError, RuntimeError):
+        return error_response(503, "not_ready", "the store is unreachable")
+    except Exception:  # a driver error the store did not map: still "not ready", not a 500
+        log.exception("readiness check failed")
         return error_response(503, "not_ready", "the store is unreachable")
     return StatusOut(status="ready")
 
