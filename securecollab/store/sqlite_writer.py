@@ -97,8 +97,8 @@ def encode_frame(obj: object) -> bytes:
 
 def encode_request(request: Request) -> bytes:
     """A request frame (marshal; see the module docstring). Raises ValueError for a
-    value marshal cannot write (anything but str/int/float/bytes/None/bool and tuples,
-    lists, dicts of those; subclasses included)."""
+    value marshal cannot write: anything but exact str/int/float/bytes/None/bool and
+    tuples, lists, dicts of those (a subclass of str, int or dict is refused too)."""
     payload = marshal.dumps(request)
     return HEADER.pack(len(payload)) + payload
 
