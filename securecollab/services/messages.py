@@ -256,7 +256,7 @@ class NotQueued:
         pairs = self._pairs
         while len(pairs) >= self.max_entries:
             pairs.popitem(last=False)
-        pairs[(user_id.lower(), message_id)] = None  # user_key(user_id), without its call
+        pairs[(user_key(user_id), message_id)] = None
 
     def discard(self, user_id: str, message_ids: list[str]) -> None:
         """These messages are (or may now be) queued for `user_id`."""
