@@ -224,6 +224,9 @@ class StompSettings:
         default=4_194_304, metadata=_meta("slow consumer", _range(1024))
     )
     ws_always_binary: bool = field(default=False, metadata=_meta("binary WS frames"))
+    pipeline_depth: int = field(
+        default=32, metadata=_meta("chat SENDs in flight per connection", _range(1, 1024))
+    )
     send_limit: int = field(default=20, metadata=_meta("SENDs per window", _range(1)))
     send_window_s: float = field(default=10.0, metadata=_meta("SEND window", _range(0.1, 3600)))
 

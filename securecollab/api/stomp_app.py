@@ -31,7 +31,7 @@ from securecollab.api import client_json
 from securecollab.backplane import Delivery
 from securecollab.broker import metrics
 from securecollab.broker.config import AclRule, BrokerConfig
-from securecollab.broker.core import AppHandler, Broker
+from securecollab.broker.core import AppHandler, Broker, Completion
 from securecollab.broker.errors import AppError, AuthenticationFailed
 from securecollab.broker.hooks import Authenticator, BrokerHooks, Credentials, Identity, SessionInfo
 from securecollab.config import Settings
@@ -63,6 +63,7 @@ def broker_config(settings: Settings) -> BrokerConfig:
         outbound_queue_frames=s.outbound_queue_frames,
         outbound_queue_bytes=s.outbound_queue_bytes,
         ws_always_binary=s.ws_always_binary,
+        pipeline_depth=s.pipeline_depth,
         send_limit=s.send_limit,
         send_window_s=s.send_window_s,
         acl=tuple(
@@ -125,15 +126,26 @@ def authenticator(auth: AuthService) -> Authenticator:
 
 
 def app_handler(
-    fn: Callable[[SessionInfo, stomp.Frame], Awaitable[None]],
+    fn: Callable[[SessionInfo, stomp.Frame], Awaitable[Completion | None]],
 ) -> AppHandler:
-    """Wrap an /app handler so service errors become ERROR frames (`code: detail`)."""
+    """Wrap an /app handler so service errors become ERROR frames (`code: detail`), in
+    the handler and in the completion it may return (see `broker.core.AppHandler`)."""
 
-    async def handler(session: SessionInfo, frame: stomp.Frame) -> None:
+    async def handler(session: SessionInfo, frame: stomp.Frame) -> Completion | None:
         try:
-            await fn(session, frame)
+            done = await fn(session, frame)
         except ServiceError as exc:
             raise AppError(exc.detail, f"{exc.code}: {exc.detail}") from None
+        if done is None:
+            return None
+
+        async def completion() -> None:
+            try:
+                await done()
+            except ServiceError as exc:
+                raise AppError(exc.detail, f"{exc.code}: {exc.detail}") from None
+
+        return completion
 
     handler.__name__ = getattr(fn, "__name__", "handler")
     return handler

@@ -1,8 +1,10 @@
 """The STOMP door of messaging: `SEND /app/chat/send` and the broker's chat hooks.
 
 `SEND /app/chat/send` takes the same JSON envelope as `POST /api/chat/send-message`
-and calls the same `MessageService.send`; the broker sends the RECEIPT only after this
-handler returned, i.e. after the message committed. Refusals (bad envelope,
+and runs the same `MessageService.send`, in its two halves (`submit`, then
+`PendingSend.finish`): the handler is pipelined (`broker.core.AppHandler`), and the
+broker sends the RECEIPT only after the completion returned, i.e. after the message
+committed and its deliveries went out. Refusals (bad envelope,
 plaintext, unknown recipient, not a channel member) become an ERROR frame through
 `api.stomp_app.app_handler`, the one place service errors are mapped for STOMP.
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import stomp
 from securecollab.api.stomp_app import app_handler, json_body
-from securecollab.broker.core import Broker
+from securecollab.broker.core import Broker, Completion
 from securecollab.broker.hooks import InitialMessage, SessionInfo
 from securecollab.services.channels import ChannelService
 from securecollab.services.messages import MessageService, message_body
@@ -59,13 +61,16 @@ class StompChat:
         hooks.delivered_filter = self.messages.may_be_queued
         hooks.on_undelivered = self.messages.hand_back
         hooks.peers_of = self.store.peers_of
-        broker.register_app_handler(SEND_DESTINATION, app_handler(self.send))
+        broker.register_app_handler(SEND_DESTINATION, app_handler(self.send), pipelined=True)
 
-    async def send(self, session: SessionInfo, frame: stomp.Frame) -> None:
-        """SEND /app/chat/send: validate, commit, deliver (RECEIPT follows the commit)."""
-        await self.messages.send(
+    async def send(self, session: SessionInfo, frame: stomp.Frame) -> Completion:
+        """SEND /app/chat/send: validate and queue the write; the completion waits for the
+        commit and delivers (the RECEIPT follows it). Pipelined: the connection's next
+        frames are read while this message commits."""
+        sending = await self.messages.submit(
             session.user_id, json_body(frame, self.max_body), session_id=session.session_id
         )
+        return sending.finish
 
     async def can_subscribe_channel(self, user_id: str, channel_id: str) -> bool:
         return await self.channels.is_member(user_id, channel_id)

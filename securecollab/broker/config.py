@@ -37,6 +37,10 @@ class BrokerConfig:
     acl: tuple[AclRule, ...] = field(default_factory=tuple)
     queue_max_messages: int = 10_000  # backlog bound of one general /queue/<name>
     close_grace_s: float = 2.0  # time to flush the final ERROR/RECEIPT before aborting
+    # SENDs of one connection to a pipelined /app handler (chat messages) that may wait
+    # for their commit at once while the connection's next frames are read; 1 handles
+    # each SEND to its end before reading on.
+    pipeline_depth: int = 32
     presence_refresh_s: float = 60.0  # how often live sessions renew their presence TTL
     presence_ttl_s: float = 600.0  # TTL of backplane registrations (presence, subscribers)
     # After a user's last /user/queue/private subscription on this node ended, a live

@@ -53,11 +53,24 @@ log = logging.getLogger(__name__)
 ENDED_KEY_TTL_S = 120.0
 ENDED_KEYS_MAX = 10_000
 
-AppHandler = Callable[[SessionInfo, stomp.Frame], Awaitable[None]]
+Completion = Callable[[], Awaitable[object]]
+"""The part of an `/app` SEND's work that waits (e.g. for its store commit); see AppHandler."""
+
+AppHandler = Callable[[SessionInfo, stomp.Frame], Awaitable[Completion | None]]
 """Handles a client SEND to an `/app/...` destination. Raise `AppError` to refuse it.
 
-The RECEIPT for the frame (if asked) is sent only after the handler returned, so a
-handler that returns after its store commit makes the receipt mean "durable".
+The RECEIPT for the frame (if asked) is sent only after the handler returned, and after
+the completion it returned (if any) returned, so a handler whose work ends with its store
+commit makes the receipt mean "durable".
+
+A handler registered with `pipelined=True` may split its work: what must happen in frame
+order before the next frame is read (validate, queue the store write) in the handler,
+the wait (the commit) and what follows (deliveries) in the completion it returns. The
+session then reads on while the completion waits, and runs the completions of one
+connection one at a time, in frame order (at most `BrokerConfig.pipeline_depth` in
+flight). A completion may raise `AppError` like the handler; it must also settle its
+work when called in an already cancelled scope (the connection closed before its turn),
+shielded, then let the cancellation go on.
 """
 
 # SENDs to these are cheap, never stored, and counted in their own window so that
@@ -110,6 +123,7 @@ class Broker:
         self._presence_viewers: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._app: dict[str, AppHandler] = {}
+        self._pipelined: set[AppHandler] = set()
         # authorized /app destinations as sent -> parsed (parse + checks once, not per SEND)
         self._app_targets: dict[str, Destination] = {}
         self._shutting_down = False
@@ -128,14 +142,23 @@ class Broker:
         backplane.subscribe(self._on_delivery)
 
     # ------------------------------------------------------------------ registration
-    def register_app_handler(self, destination: str, handler: AppHandler) -> None:
+    def register_app_handler(
+        self, destination: str, handler: AppHandler, *, pipelined: bool = False
+    ) -> None:
         """Route SENDs to `destination` (exact, e.g. "/app/chat/send") or, when it ends
-        with "/", to everything under it (e.g. "/app/webrtc/"); the longest match wins."""
+        with "/", to everything under it (e.g. "/app/webrtc/"); the longest match wins.
+        `pipelined`: see `AppHandler`."""
         if not destination.startswith("/app/"):
             raise ValueError("application destinations start with /app/")
         if destination in self._app:
             raise ValueError(f"{destination} already has a handler")
         self._app[destination] = handler
+        if pipelined:
+            self._pipelined.add(handler)
+
+    def pipelined(self, target: Destination) -> bool:
+        """Is `target` an /app destination whose handler was registered `pipelined`?"""
+        return target.kind is Kind.APP and self._app_handler(target.name) in self._pipelined
 
     def _app_handler(self, destination: str) -> AppHandler | None:
         handler = self._app.get(destination)
@@ -405,15 +428,19 @@ class Broker:
             )
         return False
 
-    async def send(self, session: Session, target: Destination, frame: stomp.Frame) -> None:
-        """Carry out an authorized SEND (now, or at COMMIT)."""
+    async def send(
+        self, session: Session, target: Destination, frame: stomp.Frame
+    ) -> Completion | None:
+        """Carry out an authorized SEND (now, or at COMMIT). For an /app destination,
+        the handler's completion, if it returned one: the caller must run it
+        (`complete_app`), in frame order."""
         if target.kind is Kind.APP:
             handler = self._app_handler(target.name)
             if handler is None:
                 raise BrokerError(f"no handler for {target.name}")
             assert session.info is not None
             try:
-                await handler(session.info, frame)
+                return await handler(session.info, frame)
             except BrokerError:
                 raise
             except Exception:
@@ -421,7 +448,6 @@ class Broker:
                 raise BrokerError(
                     f"internal error handling {target.name}", "the request was not processed"
                 ) from None
-            return
         headers = tuple(h for h in frame.headers if h[0] not in RESERVED_HEADERS)
         if target.kind is Kind.QUEUE:
             queue = self._queues.get(target.name)
@@ -439,6 +465,21 @@ class Broker:
             await self.backplane.publish(
                 Delivery("topic", target.name, frame.body, headers, message_id=new_id())
             )
+        return None
+
+    @staticmethod
+    async def complete_app(name: str, completion: Completion) -> None:
+        """Run an /app handler's completion; its failures become BrokerErrors, as the
+        handler's own do in `send`."""
+        try:
+            await completion()
+        except BrokerError:
+            raise
+        except Exception:
+            log.exception("app handler for %s failed", name)
+            raise BrokerError(
+                f"internal error handling {name}", "the request was not processed"
+            ) from None
 
     # ------------------------------------------------------------------ SUBSCRIBE
     async def subscribe(self, session: Session, sub_id: str, destination: str, ack: str) -> None:

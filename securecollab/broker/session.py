@@ -6,6 +6,14 @@ nursery (inside the transport's handler task, so inside the server's nursery):
 
 - reader: bytes -> `stomp.Parser` -> frames, handled one at a time in arrival order
   (a slow `/app` handler back-pressures that one client, nobody else);
+- completer: SENDs to a pipelined `/app` handler (chat messages) do not hold the
+  reader while their store write commits: the handler validates and queues the write,
+  the reader reads on, and this task runs the handlers' completions (wait for the
+  commit, deliver, RECEIPT) one at a time in frame order, at most
+  `BrokerConfig.pipeline_depth` in flight. Any other frame, and any error, waits until
+  the SENDs before it are complete, so replies keep frame order. When the connection
+  ends first, the completions still queued settle their writes (delivered if stored);
+  only their RECEIPTs are lost;
 - writer: drains the bounded outbound queue; the adapter writes everything queued in
   one send (WebSocket: still one STOMP frame per WebSocket message). When the adapter
   offers `send_nowait` (a raw socket), frames queued while the writer is idle skip
@@ -41,9 +49,10 @@ from securecollab.broker.destinations import PRIVATE_QUEUE, Destination, Kind
 from securecollab.broker.errors import BrokerError
 from securecollab.broker.hooks import Credentials, SessionInfo
 from securecollab.ids import new_id
+from securecollab.settle import settling
 
 if TYPE_CHECKING:
-    from securecollab.broker.core import Broker, QueueMessage, _Queue
+    from securecollab.broker.core import Broker, Completion, QueueMessage, _Queue
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +199,11 @@ class Session:
         self._timer_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._reader_scope: trio.CancelScope | None = None
+        # pipelined SENDs: (completion, receipt, destination) waiting for the completer
+        self._pipe: deque[tuple[Completion, str | None, str]] = deque()
+        self._pipe_running = False  # the completer runs one (not in `_pipe` any more)
+        self._pipe_idle: trio.lowlevel.Task | None = None  # the completer, parked
+        self._pipe_moved: trio.Event | None = None  # set when one completed (reader waits)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -205,8 +219,15 @@ class Session:
                 nursery.start_soon(self._read_loop)
                 nursery.start_soon(self._write_loop)
                 nursery.start_soon(self._timer_loop)
+                if self.config.pipeline_depth > 1:
+                    nursery.start_soon(self._complete_loop)
         finally:
             self.state = State.CLOSING
+            if self._pipe:
+                # Shielded; bounded by `settle.SETTLE_S` for all of them (the SEND that was
+                # running when the session ended settled within its own bound before).
+                with trio.CancelScope(shield=True):
+                    await self._settle_left()
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + 5
                 try:
@@ -300,6 +321,8 @@ class Session:
                             return
                 if error is not None:
                     metrics.FRAMES_IN.labels("invalid").inc()
+                    if self._in_pipe():
+                        await self._drain()  # the SENDs before it get their RECEIPTs first
                     self.fail(error.message, f"{error.reason}: {error.message}")
                     return
 
@@ -320,16 +343,24 @@ class Session:
                 raise BrokerError(
                     "already connected", f"{frame.command} is only allowed as the first frame"
                 )
+            if frame.command != "SEND" and self._in_pipe():
+                await self._drain()  # replies in frame order: after the SENDs before it
             accepted = await handler(self, frame)
             if receipt is not None and accepted and self.state is State.CONNECTED:
-                if _NOT_PLAIN.search(receipt) is None:  # written as is by every version
-                    data = b"RECEIPT\nreceipt-id:%s\n\n\x00" % receipt.encode()
-                    self._push(Outbound(data, not self.config.ws_always_binary, "RECEIPT"))
-                else:
-                    self.push_frame(stomp.Frame("RECEIPT", (("receipt-id", receipt),)))
+                self._receipt(receipt)
         except BrokerError as exc:
+            if self._in_pipe():
+                await self._drain()  # the SENDs before it get their RECEIPTs first
             self.fail(exc.message, exc.detail, receipt)
         await self.broker.flush()  # e.g. NACKed or unsubscribed private messages
+
+    def _receipt(self, receipt: str) -> None:
+        """Queue RECEIPT `receipt` (the caller checked the state)."""
+        if _NOT_PLAIN.search(receipt) is None:  # written as is by every version
+            data = b"RECEIPT\nreceipt-id:%s\n\n\x00" % receipt.encode()
+            self._push(Outbound(data, not self.config.ws_always_binary, "RECEIPT"))
+        else:
+            self.push_frame(stomp.Frame("RECEIPT", (("receipt-id", receipt),)))
 
     # ------------------------------------------------------------------ CONNECT
     async def _on_connect(self, frame: stomp.Frame) -> None:
@@ -392,15 +423,104 @@ class Session:
 
     # ------------------------------------------------------------------ SEND
     async def _on_send(self, frame: stomp.Frame) -> bool:
+        """False: no RECEIPT now (dropped by the rate limit, or pipelined: the
+        completer sends it)."""
         target = self.broker.authorize_send(self, frame.get("destination", ""))
+        tx = frame.get("transaction")
+        pipelined = tx is None and self.config.pipeline_depth > 1 and self.broker.pipelined(target)
+        if pipelined:
+            while len(self._pipe) + self._pipe_running >= self.config.pipeline_depth:
+                await self._pipe_wait()  # room first: once submitted, it must be queued
+        elif self._in_pipe():
+            await self._drain()
+        if self.state is not State.CONNECTED:
+            return False
         if not await self.broker.allow_send(self, target):
             return False  # dropped by the rate limit: no receipt
-        tx = frame.get("transaction")
         if tx is not None:
             self._tx_buffer(tx, frame)
             return True
-        await self.broker.send(self, target, frame)
+        done = await self.broker.send(self, target, frame)
+        if done is None:
+            if not (pipelined and self._in_pipe()):
+                return True
+            done = _nothing  # its RECEIPT follows those of the SENDs before it
+        if pipelined:
+            # no checkpoint since the handler queued its write: queued here for sure
+            self._pipe.append((done, frame.get("receipt"), target.name))
+            idle = self._pipe_idle
+            if idle is not None:
+                self._pipe_idle = None
+                trio.lowlevel.reschedule(idle)
+            return False
+        await self.broker.complete_app(target.name, done)
         return True
+
+    # ------------------------------------------------------------------ pipelined SENDs
+    def _in_pipe(self) -> bool:
+        return self._pipe_running or bool(self._pipe)
+
+    async def _pipe_wait(self) -> None:
+        """Until the completer finished one more pipelined SEND."""
+        moved = self._pipe_moved
+        if moved is None:
+            moved = self._pipe_moved = trio.Event()
+        await moved.wait()
+
+    async def _drain(self) -> None:
+        """Until every pipelined SEND read so far is complete."""
+        while self._in_pipe():
+            await self._pipe_wait()
+
+    async def _complete_loop(self) -> None:
+        """The completer (see the module docstring)."""
+        pipe = self._pipe
+        while True:
+            if not pipe:
+                self._pipe_idle = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_idle)
+                continue
+            done, receipt, name = pipe.popleft()
+            self._pipe_running = True
+            try:
+                # cancelled in here, the completion settles its own work first
+                await self.broker.complete_app(name, done)
+            except BrokerError as exc:
+                self.fail(exc.message, exc.detail, receipt)
+            else:
+                if receipt is not None and self.state is State.CONNECTED:
+                    self._receipt(receipt)
+            finally:
+                self._pipe_running = False
+                moved = self._pipe_moved
+                if moved is not None:
+                    self._pipe_moved = None
+                    moved.set()
+            await self.broker.flush()
+        # Cancelled: the completions still queued are settled by `run` once every task
+        # of the session ended (`_settle_left`), which also catches one the reader
+        # queued after this task ended.
+
+    def _abort_idle(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        self._pipe_idle = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def _settle_left(self) -> None:
+        """The session ended with pipelined SENDs not completed: their writes are queued
+        in the store. Each completion, called in a cancelled scope, settles its write
+        shielded (delivered if stored), in frame order; no RECEIPTs any more. Run after
+        every task of the session ended: a reader cancelled while its handler yielded
+        after queueing a write (PostgreSQL's channel send) still queues the completion.
+        All of them together get one `settle.SETTLE_S` (`settle.settling`)."""
+        with settling():  # one bound for all of them
+            while self._pipe:
+                done, _receipt, name = self._pipe.popleft()
+                with trio.CancelScope() as cancelled:
+                    cancelled.cancel()
+                    try:
+                        await done()
+                    except Exception:
+                        log.exception("settling a pipelined SEND to %s failed", name)
 
     def _tx_buffer(self, tx: str, frame: stomp.Frame) -> None:
         frames = self.transactions.get(tx)
@@ -514,7 +634,9 @@ class Session:
         for buffered in frames:
             if buffered.command == "SEND":
                 target = self.broker.authorize_send(self, buffered.get("destination", ""))
-                await self.broker.send(self, target, buffered)
+                done = await self.broker.send(self, target, buffered)
+                if done is not None:
+                    await self.broker.complete_app(target.name, done)
             else:
                 sub, pending = self._resolve_ack(buffered)
                 await self._apply_ack(sub, pending, nack=buffered.command == "NACK")
@@ -949,3 +1071,7 @@ _HANDLERS = {
     "ABORT": Session._on_abort,
     "DISCONNECT": Session._on_disconnect,
 }
+
+
+async def _nothing() -> None:
+    """The completion of a pipelined SEND whose handler returned none."""

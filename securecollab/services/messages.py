@@ -7,9 +7,12 @@ call. Its order of work is the durability contract:
    the sender is a member of the channel). Both answers come from small caches: known
    recipients (`KnownRecipients`, 2 s) and channel member ids
    (`services.membership.ChannelMembers`, invalidated by every `ChannelService` change);
-2. ONE store call (`insert_message`) writes the message row, the offline-queue
+2. ONE store write (`submit_message`) puts the message row, the offline-queue
    entries for recipients with no live session, and an outbox row (topic
-   `chat.messages`, keyed by the message id) in one commit;
+   `chat.messages`, keyed by the message id) in one commit. `send` waits for it; the
+   STOMP door splits `send` in two (`submit`, then `PendingSend.finish`) so that one
+   connection's SENDs are pipelined: each is queued in frame order and finished in
+   the same order, while the next frames are read;
 3. only then publish deliveries through the backplane, and only then does the caller
    answer 2xx / RECEIPT. A 2xx or a RECEIPT therefore means "durable".
 
@@ -58,7 +61,17 @@ from securecollab.records import record
 from securecollab.services.envelope import Envelope, parse_envelope
 from securecollab.services.errors import InvalidInput, NotFoundError
 from securecollab.services.membership import ChannelMembers
-from securecollab.store import MessageRecord, OutboxRecord, Page, Store, StoreError
+from securecollab.settle import settle_scope
+from securecollab.store import (
+    Committing,
+    Conflict,
+    InsertResult,
+    MessageRecord,
+    OutboxRecord,
+    Page,
+    Store,
+    StoreError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +80,6 @@ MESSAGES_TOPIC = "chat.messages"
 MAX_PAGE_LIMIT = 200
 MAX_PAGE_OFFSET = 100_000
 JSON_HEADERS = (("content-type", "application/json"),)
-COMMIT_SHIELD_S = 30.0  # bound on settling a cancelled send (commit + fan-out), shielded
 RECIPIENT_CACHE_TTL_S = 2.0  # how long "this recipient exists" is trusted without a read
 RECIPIENT_CACHE_MAX = 10_000  # users remembered; the oldest entry goes first
 NOT_QUEUED_MAX = 32_768  # (user, message) pairs remembered as never queued (~6 MB at most)
@@ -145,6 +157,100 @@ def outbox_payload(m: MessageRecord, content_bytes: int) -> bytes:
 class SendResult:
     message: MessageRecord
     created: bool  # False on an idempotent retry (clientMessageId seen before)
+
+
+class PendingSend:
+    """A submitted message whose commit may still be on its way (`MessageService.submit`)."""
+
+    __slots__ = (
+        "_committing",
+        "_expires_at",
+        "_offline",
+        "_others",
+        "_outbox",
+        "_service",
+        "_session_id",
+        "message",
+    )
+
+    def __init__(
+        self,
+        service: MessageService,
+        message: MessageRecord,
+        committing: Committing[InsertResult],
+        others: list[str],
+        offline: list[str],
+        expires_at: int,
+        outbox: OutboxRecord,
+        session_id: str | None,
+    ) -> None:
+        self._service = service
+        self.message = message
+        self._committing = committing
+        self._others = others
+        self._offline = offline
+        self._expires_at = expires_at
+        self._outbox = outbox
+        self._session_id = session_id
+
+    async def finish(self) -> SendResult:
+        """Wait for the commit, then deliver; the result of the send.
+
+        Cancelled (the connection closing, a server shutdown; also when called in an
+        already cancelled scope), it first settles the write, shielded and bounded by
+        `settle.settle_scope()`: waits for the commit and delivers what this send stored; then
+        the cancellation goes on.
+        """
+        try:
+            result = await self._committing.wait()
+        except trio.Cancelled:
+            with settle_scope():
+                await self._settle()
+            raise
+        await self._delivered(result, base64_checked=result.message is self.message)
+        return SendResult(result.message, result.created)
+
+    async def _settle(self) -> None:
+        """The write's outcome (the same write: its handle waits again), then its
+        deliveries. A failed write is tried once more, as a client's retry would be
+        (idempotent: a write that did commit after all comes back created=False, or
+        conflicts on its id)."""
+        try:
+            result = await self._committing.wait()
+        except StoreError:
+            try:
+                again = await self._service.store.insert_message(
+                    self.message,
+                    offline_for=self._offline,
+                    offline_expires_at=self._expires_at,
+                    outbox=[self._outbox],
+                )
+                # This message back (created=False when its clientMessageId found the
+                # first write committed after all): it is this send's to deliver. Another
+                # message back: this send repeated an earlier one, delivered back then.
+                result = InsertResult(again.message, created=again.message.id == self.message.id)
+            except Conflict:
+                # its id is taken: the first write did commit (the store failed after it)
+                try:
+                    stored = await self._service.store.get_message(self.message.id)
+                except StoreError:
+                    stored = None
+                if stored is None:
+                    log.error("cancelled send of message %s: outcome unknown", self.message.id)
+                    return
+                result = InsertResult(stored, created=True)
+            except StoreError:
+                log.exception("cancelled send of message %s: outcome unknown", self.message.id)
+                return
+        await self._delivered(result)
+
+    async def _delivered(self, result: InsertResult, *, base64_checked: bool = False) -> None:
+        """Deliver what this send created (an idempotent retry delivers nothing again)."""
+        if result.created:
+            service = self._service
+            service._created(result.message, self._others, self._offline)
+            # the message as inserted: its base64 fields are the envelope's, checked
+            await service._deliver(result.message, self._session_id, base64_checked=base64_checked)
 
 
 def parse_page(params: Mapping[str, str]) -> Page:
@@ -303,6 +409,21 @@ class MessageService:
         Raises InvalidInput (bad envelope), NotFoundError (unknown recipient or channel, or a
         channel the sender is not in).
         """
+        sending = await self.submit(sender_id, payload, session_id=session_id)
+        return await sending.finish()
+
+    async def submit(
+        self, sender_id: str, payload: object, *, session_id: str | None = None
+    ) -> PendingSend:
+        """The first half of `send`: validate, authorize and queue the store write; the
+        returned `PendingSend.finish()` waits for the commit and delivers.
+
+        A STOMP connection's pipelined SENDs: each is submitted in frame order (the store
+        commits in submission order) and finished in the same order, so its messages are
+        delivered in the order they were sent. Raises like `send`, before anything was
+        queued. Once this returned the write is queued: the caller must call `finish()`
+        (in a cancelled scope too: it then settles the write, shielded).
+        """
         env = parse_envelope(payload, max_content_bytes=self.max_content_bytes)
         if env.to is not None:
             recipient_id = self.known_recipients.get(env.to)  # no coroutine on a hit
@@ -346,22 +467,14 @@ class MessageService:
         # must be attempted even if the caller is cancelled (its connection closing, a
         # server shutdown), or a message the recipient was online for would be stored
         # but never delivered nor queued. No shield on the way (a CancelScope per send
-        # was ~5 % of the event loop): a cancelled wait is settled by `_after_cancel`.
+        # was ~5 % of the event loop): a cancelled `finish` settles the write itself.
         expires_at = now + self.offline_ttl_ms
-        try:
-            result = await self.store.insert_message(
-                message, offline_for=offline, offline_expires_at=expires_at, outbox=[outbox]
-            )
-        except trio.Cancelled:
-            await self._after_cancel(message, offline, expires_at, outbox, others, session_id)
-            raise
-        if result.created:
-            self._created(result.message, others, offline)
-            # the message as inserted: its base64 fields are the envelope's, checked
-            await self._deliver(
-                result.message, session_id, base64_checked=result.message is message
-            )
-        return SendResult(result.message, result.created)
+        committing = await self.store.submit_message(
+            message, offline_for=offline, offline_expires_at=expires_at, outbox=[outbox]
+        )
+        return PendingSend(
+            self, message, committing, others, offline, expires_at, outbox, session_id
+        )
 
     def _created(self, m: MessageRecord, others: list[str], offline: list[str]) -> None:
         """Bookkeeping for a message this process committed, before its deliveries go
@@ -372,44 +485,6 @@ class MessageService:
             for user_id in others:
                 if user_id != m.sender_id and user_id not in offline:
                     add(user_id, m.id)
-
-    async def _after_cancel(
-        self,
-        message: MessageRecord,
-        offline: list[str],
-        expires_at: int,
-        outbox: OutboxRecord,
-        others: list[str],
-        session_id: str | None,
-    ) -> None:
-        """The caller was cancelled while its write was in the store: the write still
-        commits (or fails) with its batch. Learn which, shielded (bounded by
-        `COMMIT_SHIELD_S`), and deliver the message if this send stored it.
-
-        How: the same insert again. The store's writer runs writes in submission order
-        (one writer, group commit), so the retry's answer comes after the first write's
-        fate is sealed, and the insert is idempotent: the first write's message comes
-        back (created=False, same id), or a conflict on its id says it is there, or the
-        retry stores it now (the first one failed). A different message back means this
-        send was itself a retry of an earlier one: nothing to deliver, as before.
-        """
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + COMMIT_SHIELD_S):
-            try:
-                again = await self.store.insert_message(
-                    message, offline_for=offline, offline_expires_at=expires_at, outbox=[outbox]
-                )
-                stored = again.message if again.message.id == message.id else None
-            except StoreError:
-                # Conflict (the first write stored it) or a failure: the first write is
-                # settled by now, so a read tells
-                try:
-                    stored = await self.store.get_message(message.id)
-                except StoreError:
-                    log.exception("cancelled send of message %s: outcome unknown", message.id)
-                    return
-            if stored is not None:
-                self._created(stored, others, offline)
-                await self._deliver(stored, session_id)
 
     async def _direct_recipient(self, env: Envelope) -> str:
         """The recipient's stored userId; NotFoundError when unknown or deleted."""
@@ -509,7 +584,7 @@ class MessageService:
                 # A backplane that waits (a network one; the memory backplane never
                 # does) was interrupted: publish this delivery again (at-least-once)
                 # and the rest, shielded and bounded, then let the cancellation go on.
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + COMMIT_SHIELD_S):
+                with settle_scope():
                     for rest in deliveries[i:]:
                         await self._publish(rest)
                 raise

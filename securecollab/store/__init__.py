@@ -19,7 +19,10 @@ Two adapters implement it and pass one contract suite (`tests/store/`):
 Ids are strings (UUIDv7 for messages, see `securecollab.ids`).
 
 A write method returns only after its batch committed: when it returns, the row is
-durable (SQLite `synchronous=FULL` in WAL mode; PostgreSQL commit).
+durable (SQLite `synchronous=FULL` in WAL mode; PostgreSQL commit). The hot write has
+a second form, `submit_message`, that queues the write and returns a `Committing`
+handle at once, so a caller can queue its next write before this one committed (a
+STOMP connection's pipelined SENDs); writes commit in the order they were submitted.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from securecollab.records import record
 
@@ -183,6 +186,17 @@ class StoreStats:
 # --------------------------------------------------------------------------- the port
 
 
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Committing(Protocol[T_co]):
+    """A queued write: `wait()` returns its result once its batch committed, or raises
+    its error. `wait()` may be called again after a cancelled wait (the write itself
+    is not cancelled: it commits, or fails, with its batch)."""
+
+    async def wait(self) -> T_co: ...
+
+
 class Store(Protocol):
     """What the services need from persistence. Every method is async and trio-safe."""
 
@@ -301,6 +315,23 @@ class Store(Protocol):
 
         Idempotent on (sender_id, client_message_id): a retry returns the original
         message with created=False and writes nothing.
+        """
+        ...
+
+    async def submit_message(
+        self,
+        message: MessageRecord,
+        *,
+        offline_for: Sequence[str] = (),
+        offline_expires_at: int = 0,
+        outbox: Sequence[OutboxRecord] = (),
+    ) -> Committing[InsertResult]:
+        """`insert_message`, queued: returns once the write is queued (a shape error
+        raises here), before it commits; its handle's `wait()` gives the result.
+
+        A write is queued or refused as a whole: cancellation never leaves it half-way
+        (once this returns the write will commit or fail with its batch). Writes of one
+        store commit in the order they were submitted.
         """
         ...
 

@@ -343,14 +343,19 @@ class PostgresStore:
 
     async def _write(self, fn: Op[T]) -> T:
         """Queue `fn` (an asyncio coroutine function of the connection) for the writer."""
+        op: WriteOp[T] = WriteOp(fn)
+        await self._enqueue(op)
+        return await op.wait()
+
+    async def _enqueue(self, op: WriteOp[Any]) -> None:
+        """Hand `op` to the writer. A cancelled enqueue leaves nothing queued: trio's
+        channel send either took the item or raised Cancelled before it did."""
         if self._closing:
             raise StoreUnavailable("the store is closed")
-        op: WriteOp[T] = WriteOp(fn)
         try:
             await self._send.send(op)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise StoreUnavailable("the store is closed") from None
-        return await op.wait()
 
     # ------------------------------------------------------------------ readers
 
@@ -715,6 +720,19 @@ class PostgresStore:
         offline_expires_at: int = 0,
         outbox: Sequence[OutboxRecord] = (),
     ) -> InsertResult:
+        write = await self.submit_message(
+            message, offline_for=offline_for, offline_expires_at=offline_expires_at, outbox=outbox
+        )
+        return await write.wait()
+
+    async def submit_message(
+        self,
+        message: MessageRecord,
+        *,
+        offline_for: Sequence[str] = (),
+        offline_expires_at: int = 0,
+        outbox: Sequence[OutboxRecord] = (),
+    ) -> WriteOp[InsertResult]:
         R.check_message(message)
         offline = list(dict.fromkeys(offline_for))
         # outbox rows as parallel arrays (id, topic, key, payload, created_at, sent_at)
@@ -743,14 +761,9 @@ class PostgresStore:
                 return InsertResult(R.message_from_row(row), created=False)
             return InsertResult(message, created=True)
 
-        if self._closing:
-            raise StoreUnavailable("the store is closed")
         write = _MessageWrite(op, message, offline, offline_expires_at, tuple(outbox))
-        try:
-            await self._send.send(write)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise StoreUnavailable("the store is closed") from None
-        return await write.wait()
+        await self._enqueue(write)
+        return write
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
         row = await self._fetchrow(

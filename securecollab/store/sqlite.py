@@ -779,6 +779,20 @@ class SQLiteStore:
         offline_expires_at: int = 0,
         outbox: Sequence[OutboxRecord] = (),
     ) -> InsertResult:
+        op = await self.submit_message(
+            message, offline_for=offline_for, offline_expires_at=offline_expires_at, outbox=outbox
+        )
+        return await op.wait()
+
+    async def submit_message(
+        self,
+        message: MessageRecord,
+        *,
+        offline_for: Sequence[str] = (),
+        offline_expires_at: int = 0,
+        outbox: Sequence[OutboxRecord] = (),
+    ) -> WriteOp[InsertResult]:
+        # no await in here: queued as a whole or refused, never cancelled half-way
         R.check_message(message)
         # the result of a created message, set now: the writer answers it with None
         op = WriteOp(_runs_in_the_writer, InsertResult(message, created=True))
@@ -789,7 +803,7 @@ class SQLiteStore:
             [R.outbox_params(e) for e in outbox],
         )
         self._queue(op, None, request)
-        return await op.wait()
+        return op
 
     async def get_message(self, message_id: str) -> MessageRecord | None:
         row = await self._fetchone(
