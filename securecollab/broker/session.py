@@ -10,8 +10,9 @@ nursery (inside the transport's handler task, so inside the server's nursery):
   reader while their store write commits: the handler validates and queues the write,
   the reader reads on, and this task runs the handlers' completions (wait for the
   commit, deliver, RECEIPT) one at a time in frame order, at most
-  `BrokerConfig.pipeline_depth` in flight. Any other frame, and any error, waits until
-  the SENDs before it are complete, so replies keep frame order. When the connection
+  `BrokerConfig.pipeline_depth` in flight. Any other frame (but an ACK/NACK without a
+  receipt), and any error, waits until the SENDs before it are complete, so replies
+  keep frame order. When the connection
   ends first, the completions still queued settle their writes (delivered if stored);
   only their RECEIPTs are lost;
 - writer: drains the bounded outbound queue; the adapter writes everything queued in
@@ -343,7 +344,7 @@ class Session:
                 raise BrokerError(
                     "already connected", f"{frame.command} is only allowed as the first frame"
                 )
-            if frame.command != "SEND" and self._in_pipe():
+            if self._in_pipe() and frame.command != "SEND" and not _ack_alone(frame, receipt):
                 await self._drain()  # replies in frame order: after the SENDs before it
             accepted = await handler(self, frame)
             if receipt is not None and accepted and self.state is State.CONNECTED:
@@ -1075,3 +1076,12 @@ _HANDLERS = {
 
 async def _nothing() -> None:
     """The completion of a pipelined SEND whose handler returned none."""
+
+
+def _ack_alone(frame: stomp.Frame, receipt: str | None) -> bool:
+    """An ACK/NACK that asks for no RECEIPT: its effect (a message of this connection's
+    subscriptions settled) does not depend on the SENDs before it, and it has no reply to
+    keep in order, so it need not wait for pipelined SENDs (clients ACK every message
+    they receive while they send: `securecollab.client`). A refused one still waits (its
+    ERROR comes after the RECEIPTs before it)."""
+    return receipt is None and frame.command in ("ACK", "NACK")

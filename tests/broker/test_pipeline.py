@@ -20,10 +20,11 @@ from typing import Any
 import trio
 
 import stomp
+from securecollab.backplane import Delivery
 from securecollab.broker.config import AclRule
 from securecollab.broker.core import Completion
 from securecollab.broker.errors import AppError
-from securecollab.broker.hooks import SessionInfo
+from securecollab.broker.hooks import BrokerHooks, SessionInfo
 
 from .clients import Client, eventually, tcp_client
 from .harness import BrokerServer, broker_server
@@ -437,3 +438,110 @@ async def test_an_unparsable_frame_read_with_a_send_errors_after_its_receipt() -
         assert "BOGUS" in error.get("message", ""), error
         await a.wait_closed()
         assert steps(pipe.log) == ["start 1", "done 1"]
+
+
+# ------------------------------------------------------- ACK / NACK among pipelined SENDs
+
+PRIVATE = "/user/queue/private"
+
+
+def reporting_hooks(log: list[str]) -> BrokerHooks:
+    """Hooks that log what the broker reports of /user/queue/private into `log` (the
+    `Pipe.log` of the test), so an ACK's effect is ordered against the completions:
+    `delivered <id>` (ACKed: `on_delivered`) and `undelivered <id>` (NACKed:
+    `on_undelivered`)."""
+
+    async def on_delivered(_user_id: str, ids: list[str]) -> None:
+        log.extend(f"delivered {i}" for i in ids)
+
+    async def on_undelivered(_user_id: str, ids: list[str]) -> None:
+        log.extend(f"undelivered {i}" for i in ids)
+
+    return BrokerHooks(on_delivered=on_delivered, on_undelivered=on_undelivered)
+
+
+async def private_messages(srv: BrokerServer, client: Client, *ids: str) -> dict[str, str]:
+    """Subscribe `client` (alice) to /user/queue/private in client-individual mode and
+    deliver it messages `ids`: their ack headers, by message-id."""
+    await client.subscribe(PRIVATE, "p", ack="client-individual")
+    for mid in ids:
+        await srv.backplane.publish(Delivery("user", PRIVATE, b"{}", (), "alice", mid))
+    acks: dict[str, str] = {}
+    for _ in ids:
+        message = await client.next("MESSAGE")
+        acks[message.get("message-id", "")] = message.get("ack", "")
+    assert sorted(acks) == sorted(ids) and all(acks.values()), acks
+    return acks
+
+
+async def test_an_ack_without_receipt_takes_effect_while_the_sends_before_it_wait() -> None:
+    """What a client does all the time (`securecollab.client` ACKs every private message
+    it receives while it sends): an ACK/NACK that asks for no RECEIPT has no reply to
+    keep in order and settles a message of its own subscription, so it is handled at
+    once, not after the pipelined SENDs before it."""
+    pipe = Pipe()
+    hooks = reporting_hooks(pipe.log)
+    async with pipe_server(pipe, hooks=hooks) as srv, tcp_client(srv.tcp_port) as a:
+        await a.connect(passcode="token-alice")
+        acks = await private_messages(srv, a, "m1", "m2")
+        await send(a, "1")
+        await send(a, "2")
+        await pipe.handled("1", "2")
+        await a.frame("ACK", {"id": acks["m1"]})
+        await eventually(lambda: "delivered m1" in pipe.log, "ACK handled")
+        await a.frame("NACK", {"id": acks["m2"]})
+        await eventually(lambda: "undelivered m2" in pipe.log, "NACK handled")
+        # both took effect while the first completion still waits, and replied nothing
+        assert steps(pipe.log) == ["start 1", "delivered m1", "undelivered m2"]
+        [session] = srv.broker.sessions.values()
+        assert session.acks == {}
+        assert await a.quiet(QUIET_S) == []
+
+        pipe.release("1", "2")
+        assert await receipt_ids(a, 2) == ["r1", "r2"]
+        assert await a.quiet(QUIET_S) == []
+        assert not a.closed.is_set()
+
+
+async def test_an_ack_with_a_receipt_waits_for_the_sends_before_it() -> None:
+    """Its RECEIPT is a reply: it comes after the RECEIPTs of the SENDs before it, and
+    the ACK is handled then (as any frame but a SEND)."""
+    pipe = Pipe()
+    hooks = reporting_hooks(pipe.log)
+    async with pipe_server(pipe, hooks=hooks) as srv, tcp_client(srv.tcp_port) as a:
+        await a.connect(passcode="token-alice")
+        acks = await private_messages(srv, a, "m1")
+        await send(a, "1")
+        await send(a, "2")
+        await a.frame("ACK", {"id": acks["m1"], "receipt": "ra"})
+        await pipe.handled("1", "2")
+        assert await a.quiet(QUIET_S) == []
+        assert "delivered m1" not in pipe.log  # not handled before the SENDs completed
+
+        pipe.release("1")
+        assert (await a.next("RECEIPT")).get("receipt-id") == "r1"
+        assert await a.quiet(QUIET_S) == []  # still behind SEND 2
+        assert "delivered m1" not in pipe.log
+
+        pipe.release("2")
+        assert await receipt_ids(a, 2) == ["r2", "ra"]
+        assert steps(pipe.log) == ["start 1", "done 1", "start 2", "done 2", "delivered m1"]
+
+
+async def test_a_refused_ack_without_receipt_errors_after_the_sends_before_it() -> None:
+    """An ACK of an unknown id is refused with an ERROR, which closes the connection:
+    the ERROR still waits for the RECEIPTs of the SENDs before it."""
+    pipe = Pipe()
+    async with pipe_server(pipe) as srv, tcp_client(srv.tcp_port) as a:
+        await a.connect(passcode="token-alice")
+        await send(a, "1")
+        await send(a, "2")
+        await a.frame("ACK", {"id": "no-such-id"})
+        await pipe.handled("1", "2")
+        assert await a.quiet(QUIET_S) == []
+        assert not a.closed.is_set()
+
+        pipe.release("1", "2")
+        assert await receipt_ids(a, 2) == ["r1", "r2"]
+        await a.expect_error("ACK of unknown id no-such-id")
+        assert steps(pipe.log) == ["start 1", "done 1", "start 2", "done 2"]
