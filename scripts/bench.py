@@ -914,7 +914,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10, help="seconds per workload-1 phase")
     p.add_argument(
         "--ramp",
-        default="250,500,1000,2000,3000,4000,5000,6000,7000,7500,8000,8500,9000,10000",
+        default="250,500,1000,2000,3000,4000,4500,5000,5500,6000,6500,7000,7500,8000,8500,9000,10000",
         help="offered rates for the max-sustainable search (stops at the first failure)",
     )
     p.add_argument("--fanout-subs", type=int, default=1000)
