@@ -200,9 +200,9 @@ class Session:
         self._timer_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._reader_scope: trio.CancelScope | None = None
-        # pipelined SENDs: (completion, receipt, destination) waiting for the completer
+        # pipelined SENDs not complete yet, oldest (the one the completer runs) first:
+        # (completion, receipt, destination)
         self._pipe: deque[tuple[Completion, str | None, str]] = deque()
-        self._pipe_running = False  # the completer runs one (not in `_pipe` any more)
         self._pipe_idle: trio.lowlevel.Task | None = None  # the completer, parked
         self._pipe_moved: trio.Event | None = None  # set when one completed (reader waits)
 
@@ -322,9 +322,7 @@ class Session:
                             return
                 if error is not None:
                     metrics.FRAMES_IN.labels("invalid").inc()
-                    if self._in_pipe():
-                        await self._drain()  # the SENDs before it get their RECEIPTs first
-                    self.fail(error.message, f"{error.reason}: {error.message}")
+                    await self._fail_in_order(error.message, f"{error.reason}: {error.message}")
                     return
 
     async def _handle(self, frame: stomp.Frame) -> None:
@@ -344,15 +342,13 @@ class Session:
                 raise BrokerError(
                     "already connected", f"{frame.command} is only allowed as the first frame"
                 )
-            if self._in_pipe() and frame.command != "SEND" and not _ack_alone(frame, receipt):
+            if self._pipe and frame.command != "SEND" and not _ack_alone(frame, receipt):
                 await self._drain()  # replies in frame order: after the SENDs before it
             accepted = await handler(self, frame)
             if receipt is not None and accepted and self.state is State.CONNECTED:
                 self._receipt(receipt)
         except BrokerError as exc:
-            if self._in_pipe():
-                await self._drain()  # the SENDs before it get their RECEIPTs first
-            self.fail(exc.message, exc.detail, receipt)
+            await self._fail_in_order(exc.message, exc.detail, receipt)
         await self.broker.flush()  # e.g. NACKed or unsubscribed private messages
 
     def _receipt(self, receipt: str) -> None:
@@ -430,9 +426,9 @@ class Session:
         tx = frame.get("transaction")
         pipelined = tx is None and self.config.pipeline_depth > 1 and self.broker.pipelined(target)
         if pipelined:
-            while len(self._pipe) + self._pipe_running >= self.config.pipeline_depth:
+            while len(self._pipe) >= self.config.pipeline_depth:
                 await self._pipe_wait()  # room first: once submitted, it must be queued
-        elif self._in_pipe():
+        elif self._pipe:
             await self._drain()
         if self.state is not State.CONNECTED:
             return False
@@ -443,7 +439,7 @@ class Session:
             return True
         done = await self.broker.send(self, target, frame)
         if done is None:
-            if not (pipelined and self._in_pipe()):
+            if not (pipelined and self._pipe):
                 return True
             done = _nothing  # its RECEIPT follows those of the SENDs before it
         if pipelined:
@@ -458,9 +454,6 @@ class Session:
         return True
 
     # ------------------------------------------------------------------ pipelined SENDs
-    def _in_pipe(self) -> bool:
-        return self._pipe_running or bool(self._pipe)
-
     async def _pipe_wait(self) -> None:
         """Until the completer finished one more pipelined SEND."""
         moved = self._pipe_moved
@@ -470,8 +463,13 @@ class Session:
 
     async def _drain(self) -> None:
         """Until every pipelined SEND read so far is complete."""
-        while self._in_pipe():
+        while self._pipe:
             await self._pipe_wait()
+
+    async def _fail_in_order(self, message: str, detail: str, receipt: str | None = None) -> None:
+        """`fail`, once the pipelined SENDs before the failing frame got their RECEIPTs."""
+        await self._drain()
+        self.fail(message, detail, receipt)
 
     async def _complete_loop(self) -> None:
         """The completer (see the module docstring)."""
@@ -481,8 +479,7 @@ class Session:
                 self._pipe_idle = trio.lowlevel.current_task()
                 await trio.lowlevel.wait_task_rescheduled(self._abort_idle)
                 continue
-            done, receipt, name = pipe.popleft()
-            self._pipe_running = True
+            done, receipt, name = pipe[0]
             try:
                 # cancelled in here, the completion settles its own work first
                 await self.broker.complete_app(name, done)
@@ -492,7 +489,7 @@ class Session:
                 if receipt is not None and self.state is State.CONNECTED:
                     self._receipt(receipt)
             finally:
-                self._pipe_running = False
+                pipe.popleft()  # even cancelled: a completion settles itself (not again)
                 moved = self._pipe_moved
                 if moved is not None:
                     self._pipe_moved = None

@@ -159,39 +159,18 @@ class SendResult:
     created: bool  # False on an idempotent retry (clientMessageId seen before)
 
 
+@record  # built per message: not frozen at runtime (see securecollab.records)
 class PendingSend:
     """A submitted message whose commit may still be on its way (`MessageService.submit`)."""
 
-    __slots__ = (
-        "_committing",
-        "_expires_at",
-        "_offline",
-        "_others",
-        "_outbox",
-        "_service",
-        "_session_id",
-        "message",
-    )
-
-    def __init__(
-        self,
-        service: MessageService,
-        message: MessageRecord,
-        committing: Committing[InsertResult],
-        others: list[str],
-        offline: list[str],
-        expires_at: int,
-        outbox: OutboxRecord,
-        session_id: str | None,
-    ) -> None:
-        self._service = service
-        self.message = message
-        self._committing = committing
-        self._others = others
-        self._offline = offline
-        self._expires_at = expires_at
-        self._outbox = outbox
-        self._session_id = session_id
+    _service: MessageService
+    message: MessageRecord
+    _committing: Committing[InsertResult]
+    _others: list[str]
+    _offline: list[str]
+    _expires_at: int
+    _outbox: OutboxRecord
+    _session_id: str | None
 
     async def finish(self) -> SendResult:
         """Wait for the commit, then deliver; the result of the send.
