@@ -11,7 +11,10 @@ Workloads (STOMP over WebSocket, text frames, no compression, 127.0.0.1 only):
      users sending in index order, evenly spaced; a fixed offered rate (--rate 1000
      msg/s) and a ramp of offered
      rates (--ramp) to find the maximum sustainable rate: delivered >= 95 % of
-     offered, nothing lost, p99 < 1 s.
+     offered, nothing lost, p99 < 1 s. Then (ours; --no-crash-check skips it) the
+     crash check: one more phase at that rate on a fresh server, whose process and
+     SQLite writer are SIGKILLed halfway; every SEND that got its RECEIPT must be in
+     the database file afterwards ("every receipted message durable").
   2. Channel fan-out: one sender, one channel with --fanout-subs (1000) subscribed
      members (one connection each); latency to the LAST subscriber of every message.
   3. Connections: --idle (10000) idle STOMP sessions with 10 s heart-beats held
@@ -601,8 +604,12 @@ def run_direct(
     tmp: Path,
     run: str,
     rest: bool = False,
+    kill_at: float | None = None,
 ) -> dict[str, Any]:
-    """Workload 1 at one offered rate (optionally with workload 4's REST load alongside)."""
+    """Workload 1 at one offered rate (optionally with workload 4's REST load alongside).
+
+    `kill_at`: the crash check (`crash_check`): SIGKILL the server and its processes that
+    many seconds into the phase; the row then lists the receipted clientMessageIds."""
     n = args.users
     phase = uuid.uuid4().hex[:6]
     users = target.direct_users(n, f"{run}{phase}", args.pairing)
@@ -627,6 +634,7 @@ def run_direct(
                 # clientMessageIds must be unique per phase: a repeat is an idempotent retry
                 "run": f"{run}-{phase}-{w}",
                 "timeout": duration * 3 + 120,
+                "report": kill_at is not None,
             }
         )
     if rest:
@@ -644,10 +652,17 @@ def run_direct(
         )
     workers = Workers(specs, tmp)
     workers.wait_event("ready", 120)
+    killer: threading.Timer | None = None
     with ProcSampler(target.pid) as sampler:
         t0 = time.time() + 0.5
+        if kill_at is not None:
+            family = descendants(target.pid)
+            killer = threading.Timer(t0 + kill_at - time.time(), kill_all, [family])
+            killer.start()
         workers.go(t0)
         res = workers.results(duration * 3 + 150)
+    if killer is not None:
+        killer.join()
     stomp = [r for r, s in zip(res, specs, strict=True) if s["kind"] == "direct"]
     lat = [x for r in stomp for x in r["lat_ms"]]
     rec = [x for r in stomp for x in r["receipt_ms"]]
@@ -681,6 +696,8 @@ def run_direct(
         "gen_us_per_msg": gen_us_per_msg(stomp, delivered),
         "errors": errors,
     }
+    if kill_at is not None:
+        out["receipted"] = [cmid for r in stomp for cmid in r["receipted"]]
     if rest:
         out["gen_cpu"] = gen_cpu(res)  # the REST worker's CPU is not per STOMP message
     out["sustainable"] = bool(
@@ -835,6 +852,64 @@ def fmt_lat(d: dict[str, float]) -> str:
     return f"{d['p50']:7.1f} {d['p95']:7.1f} {d['p99']:7.1f} {d['max']:8.1f}"
 
 
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL every process of a server at once (a crash: no shutdown code runs)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stored_ids(db_path: Path, prefix: str) -> set[str]:
+    """The clientMessageIds starting with `prefix` in a server's SQLite database (opening it
+    after a crash recovers its WAL, as the server's next start would)."""
+    import sqlite3
+
+    db = sqlite3.connect(db_path)
+    try:
+        rows = db.execute(
+            "SELECT client_message_id FROM messages WHERE client_message_id LIKE ?",
+            (prefix + "%",),
+        )
+        return {cmid for (cmid,) in rows}
+    finally:
+        db.close()
+
+
+def crash_check(
+    tmp: Path, args: argparse.Namespace, run: str, rate: float, extra: dict[str, str]
+) -> dict[str, Any]:
+    """Workload 1's claim "every receipted message is durable", checked with a crash.
+
+    A fresh server (its own data dir) runs workload 1 at `rate`; halfway through the
+    phase the server process and its SQLite writer are SIGKILLed together. Then every
+    clientMessageId the load generator got a RECEIPT for must be in the database file.
+    What a process crash cannot show: a power cut (that is fsync's part,
+    `synchronous=FULL`)."""
+    crash_dir = tmp / "crash"
+    crash_dir.mkdir()
+    target, server = start_ours(crash_dir, args.users, run, 0, extra)
+    kill_at = args.duration / 2
+    try:
+        row = run_direct(target, args, rate, args.duration, crash_dir, run, kill_at=kill_at)
+    finally:
+        server.stop()  # reaps the killed server (or stops it, had the phase failed early)
+    receipted: list[str] = row.pop("receipted")
+    stored = stored_ids(crash_dir / "data" / "bench.db", run)
+    missing = [c for c in receipted if c not in stored]
+    return {
+        "rate": rate,
+        "killed_after_s": kill_at,
+        "sent": row["sent"],
+        "receipted": len(receipted),
+        "stored": len(stored),
+        "missing": len(missing),
+        "missing_sample": missing[:10],
+        "exit_code": server.proc.returncode,
+    }
+
+
 def print_direct(row: dict[str, Any], label: str) -> None:
     print(
         f"  {row['server']:<9} {label:<10} {row['offered']:>7.0f} {row['delivered_per_s']:>9.0f} "
@@ -920,6 +995,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
         help="offered rates for the max-sustainable search (stops at the first failure;"
         " a server that passes the last step is reported as 'at least' that)",
+    )
+    p.add_argument(
+        "--crash-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ours, with workload 1: a last phase at the max sustainable rate on a fresh"
+        " server, SIGKILLed halfway; every receipted message must be in its database",
     )
     p.add_argument("--fanout-subs", type=int, default=1000)
     p.add_argument("--fanout-rate", type=float, default=10, help="workload 2 msg/s")
@@ -1104,6 +1186,20 @@ def main(argv: list[str] | None = None) -> int:
                     code = server.stop()
                     print(f"[ours] server exit code after SIGTERM: {code}")
                     results["notes"]["ours_exit"] = code
+            if name == "ours" and 1 in wl and args.crash_check:
+                rate = results.get("max_sustainable", {}).get("ours") or args.rate
+                c = crash_check(tmp, args, run, rate, extra)
+                results["crash"] = c
+                print(
+                    f"\n[ours] crash check: workload 1 at {rate:.0f} msg/s on a fresh server,"
+                    f" SIGKILL of the server and its SQLite writer {c['killed_after_s']:g} s in:"
+                    f" {c['receipted']} SENDs had their RECEIPT, {c['missing']} of them missing"
+                    f" from the database ({c['stored']} stored of {c['sent']} sent; the rest"
+                    " were in flight)"
+                )
+                if c["missing"]:
+                    print(f"  LOSS: receipted but not stored, e.g. {c['missing_sample']}")
+                    failed = True
 
     if len(servers) == 2:
         print("\nours / RabbitMQ:")
@@ -1155,7 +1251,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
     if failed:
-        print("LOSS: some receipted messages were not delivered")
+        print("LOSS: some receipted messages were not delivered or not stored (see above)")
     return 1 if failed else 0
 
 

@@ -609,6 +609,8 @@ async def direct(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) 
     # sent_at[i][k]: wall-clock send time of user i's k-th SEND while its RECEIPT is
     # outstanding, 0.0 otherwise (the receipt id is "r<k>")
     sent_at = [[0.0] * count for _ in users]
+    # the crash check (bench.py): which SENDs got their RECEIPT, per user (k's)
+    receipted: list[list[int]] | None = [[] for _ in users] if spec.get("report") else None
     all_done = asyncio.Event()
     total_expected = expected * n
     total_receipts = count * n
@@ -625,6 +627,7 @@ async def direct(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) 
 
     def reader(i: int, c: StompWs) -> Handler:
         pending = sent_at[i]
+        got = receipted[i] if receipted is not None else None
 
         def on_message(data: bytes, now: float) -> None:
             for part in frames_of(data):
@@ -651,6 +654,8 @@ async def direct(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) 
                         rcpt.append((now - at) * 1000)
                         stats.receipts += 1
                         stats.last_receipt = now
+                        if got is not None:
+                            got.append(k)
                 elif command_of(part) == b"ERROR":
                     stats.error(f"ERROR {error_message(part)}")
                     c.closed_by_server = error_message(part)
@@ -662,6 +667,10 @@ async def direct(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) 
                     all_done.set()
 
         return on_message
+
+    def all_gone() -> bool:
+        """Every connection closed by the server (the crash check killed it)."""
+        return all(c.transport is None or c.closed_by_server is not None for c in conns)
 
     for i, c in enumerate(conns):
         c.on_lost = on_lost
@@ -753,17 +762,23 @@ async def direct(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) 
     for i in range(n):
         if done_k[i] < count and not stopped[i]:
             stats.error("not sent (generator too slow)")
-    try:
-        await asyncio.wait_for(all_done.wait(), max(0.1, drain_end - time.time()))
-    except TimeoutError:
-        pass
+    while not all_done.is_set() and not all_gone() and time.time() < drain_end:
+        try:  # bounded: at most until drain_end, polled so a dead server ends it early
+            await asyncio.wait_for(all_done.wait(), min(0.25, max(0.01, drain_end - time.time())))
+        except TimeoutError:
+            pass
     for c in conns:
         c.handler = ignore
     await close_all(conns)
-    return {
+    out: dict[str, Any] = {
         "received_per_user": received,
         "missing_receipts": sum(1 for row in sent_at for at in row if at),
     }
+    if receipted is not None:  # clientMessageIds of the receipted SENDs (see body())
+        out["receipted"] = [
+            f"{run}-{base_seq + i * count + k}" for i, ks in enumerate(receipted) for k in ks
+        ]
+    return out
 
 
 # --------------------------------------------------------------------------- fan-out (2)

@@ -2,7 +2,8 @@
 
 Not a performance test (no timing is asserted): it checks that the tool drives a real
 `securecollab serve` subprocess with separate load processes, that every receipted
-message is reported delivered (no losses), and that it writes its JSON results.
+message is reported delivered (no losses), that its crash check (SIGKILL mid-phase) finds
+every receipted message in the database, and that it writes its JSON results.
 RabbitMQ is deliberately not involved (`--only ours`).
 """
 
@@ -51,3 +52,8 @@ def test_quick_bench_delivers_every_receipted_message(tmp_path: Path) -> None:
     # the one ramp step passed: the maximum is a lower bound, and said to be one
     assert results["max_capped"]["ours"] is True
     assert "at least" in proc.stdout
+    # the crash check ran: a fresh server SIGKILLed mid-phase, every receipted message stored
+    crash = results["crash"]
+    assert crash["exit_code"] == -9
+    assert crash["receipted"] > 0 and crash["missing"] == 0
+    assert crash["stored"] >= crash["receipted"]
