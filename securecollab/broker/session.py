@@ -494,7 +494,9 @@ class Session:
                 if moved is not None:
                     self._pipe_moved = None
                     moved.set()
-            await self.broker.flush()
+            broker = self.broker
+            if broker._unregister or broker._undelivered:  # `flush`'s own test, inlined
+                await broker.flush()
         # Cancelled: the completions still queued are settled by `run` once every task
         # of the session ended (`_settle_left`), which also catches one the reader
         # queued after this task ended.
