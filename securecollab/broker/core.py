@@ -354,14 +354,10 @@ class Broker:
     def to_report(self, items: list[tuple[str, str]]) -> dict[str, list[str]]:
         """Of these delivered (user_id, message_id), those `on_delivered` must hear of,
         by user (`hooks.delivered_filter`, once per user)."""
-        keep = self.hooks.delivered_filter
-        if len(items) == 1:  # the usual write: one MESSAGE (no grouping to do)
-            user_id, message_id = items[0]
-            kept = keep(user_id, [message_id])
-            return {user_id: kept} if kept else {}
         by_user: dict[str, list[str]] = {}
         for user_id, message_id in items:
             by_user.setdefault(user_id, []).append(message_id)
+        keep = self.hooks.delivered_filter
         return {u: kept for u, ids in by_user.items() if (kept := keep(u, ids))}
 
     async def report_delivered(self, by_user: dict[str, list[str]]) -> None:
@@ -682,8 +678,7 @@ class Broker:
                 log.warning("ignoring delivery of unknown kind %r", delivery.kind)
         except Exception:
             log.exception("delivery to %s failed", delivery.destination)
-        if self._unregister or self._undelivered:  # `flush`'s own test: no coroutine if not
-            await self.flush()
+        await self.flush()
 
     def _deliver_user(self, delivery: Delivery) -> None:
         user_id = delivery.user_id

@@ -494,9 +494,7 @@ class Session:
                 if moved is not None:
                     self._pipe_moved = None
                     moved.set()
-            broker = self.broker
-            if broker._unregister or broker._undelivered:  # `flush`'s own test, inlined
-                await broker.flush()
+            await self.broker.flush()
         # Cancelled: the completions still queued are settled by `run` once every task
         # of the session ended (`_settle_left`), which also catches one the reader
         # queued after this task ended.
