@@ -123,7 +123,7 @@ class Broker:
         self._presence_viewers: dict[str, int] = {}
         self._queues: dict[str, _Queue] = {}
         self._app: dict[str, AppHandler] = {}
-        self._pipelined: set[AppHandler] = set()
+        self._pipelined: set[str] = set()  # registrations (keys of _app) made pipelined
         # authorized /app destinations as sent -> parsed (parse + checks once, not per SEND)
         self._app_targets: dict[str, Destination] = {}
         self._shutting_down = False
@@ -154,21 +154,27 @@ class Broker:
             raise ValueError(f"{destination} already has a handler")
         self._app[destination] = handler
         if pipelined:
-            self._pipelined.add(handler)
+            self._pipelined.add(destination)
 
     def pipelined(self, target: Destination) -> bool:
-        """Is `target` an /app destination whose handler was registered `pipelined`?"""
-        return target.kind is Kind.APP and self._app_handler(target.name) in self._pipelined
+        """Is `target` an /app destination whose registration was made `pipelined`?
+        (By registration, not by handler: one handler object may serve several
+        destinations, pipelined on some only.)"""
+        return target.kind is Kind.APP and self._app_key(target.name) in self._pipelined
 
     def _app_handler(self, destination: str) -> AppHandler | None:
-        handler = self._app.get(destination)
-        if handler is not None:
-            return handler
+        key = self._app_key(destination)
+        return None if key is None else self._app[key]
+
+    def _app_key(self, destination: str) -> str | None:
+        """The registration that serves `destination`: itself, or the longest prefix."""
+        if destination in self._app:
+            return destination
         best = ""
         for prefix in self._app:
             if prefix.endswith("/") and destination.startswith(prefix) and len(prefix) > len(best):
                 best = prefix
-        return self._app.get(best) if best else None
+        return best or None
 
     # ------------------------------------------------------------------ connections
     async def serve_connection(self, conn: Connection) -> None:

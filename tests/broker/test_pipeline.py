@@ -545,3 +545,25 @@ async def test_a_refused_ack_without_receipt_errors_after_the_sends_before_it() 
         assert await receipt_ids(a, 2) == ["r1", "r2"]
         await a.expect_error("ACK of unknown id no-such-id")
         assert steps(pipe.log) == ["start 1", "done 1", "start 2", "done 2"]
+
+
+async def test_pipelined_is_a_property_of_the_registration_not_of_the_handler() -> None:
+    """One handler object on two destinations, registered pipelined on one of them only
+    (and under a prefix): only SENDs to that registration are pipelined."""
+    from securecollab.broker.destinations import parse
+
+    async def handler(*_args: Any) -> None:
+        return None
+
+    async with broker_server() as srv:
+        broker = srv.broker
+        broker.register_app_handler("/app/fast", handler, pipelined=True)
+        broker.register_app_handler("/app/slow", handler)
+        broker.register_app_handler("/app/many/", handler, pipelined=True)
+        broker.register_app_handler("/app/many/exact", handler)
+        assert broker.pipelined(parse("/app/fast", "u@example.com"))
+        assert not broker.pipelined(parse("/app/slow", "u@example.com"))
+        assert broker.pipelined(parse("/app/many/x", "u@example.com"))
+        assert not broker.pipelined(parse("/app/many/exact", "u@example.com"))
+        assert not broker.pipelined(parse("/app/unknown", "u@example.com"))
+        assert not broker.pipelined(parse("/topic/fast", "u@example.com"))
