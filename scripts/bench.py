@@ -1200,6 +1200,13 @@ def main(argv: list[str] | None = None) -> int:
                 if c["missing"]:
                     print(f"  LOSS: receipted but not stored, e.g. {c['missing_sample']}")
                     failed = True
+                if c["exit_code"] != -signal.SIGKILL or not c["receipted"]:
+                    # a check that killed nothing, or saw no RECEIPT, proves nothing
+                    print(
+                        f"  CRASH CHECK INVALID: server exit code {c['exit_code']},"
+                        f" {c['receipted']} receipted"
+                    )
+                    failed = True
 
     if len(servers) == 2:
         print("\nours / RabbitMQ:")
@@ -1251,7 +1258,10 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
     if failed:
-        print("LOSS: some receipted messages were not delivered or not stored (see above)")
+        print(
+            "FAILED: receipted messages not delivered or not stored,"
+            " or an invalid crash check (see above)"
+        )
     return 1 if failed else 0
 
 

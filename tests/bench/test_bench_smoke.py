@@ -49,6 +49,7 @@ def test_quick_bench_delivers_every_receipted_message(tmp_path: Path) -> None:
         assert row["lost"] == 0 and not row["errors"]
         assert row["lat"]["p50"] > 0  # latencies were measured from payload stamps
     assert "delivered" in proc.stdout and "LOSS" not in proc.stdout
+    assert "FAILED" not in proc.stdout and "INVALID" not in proc.stdout
     # the one ramp step passed: the maximum is a lower bound, and said to be one
     assert results["max_capped"]["ours"] is True
     assert "at least" in proc.stdout
