@@ -1214,15 +1214,11 @@ def main(argv: list[str] | None = None) -> int:
         if ms.get("rabbitmq"):
             # a capped maximum is a lower bound: the ratio is then a bound too
             capped = results.get("max_capped", {})
-            bound = (
-                " (upper bound: RabbitMQ passed the ramp's last step)"
-                if capped.get("rabbitmq") and not capped.get("ours")
-                else " (lower bound: ours passed the ramp's last step)"
-                if capped.get("ours") and not capped.get("rabbitmq")
-                else " (both passed the ramp's last step: extend --ramp)"
-                if capped.get("ours")
-                else ""
-            )
+            bound = {  # (ours capped, RabbitMQ capped) -> what the ratio is
+                (False, True): " (upper bound: RabbitMQ passed the ramp's last step)",
+                (True, False): " (lower bound: ours passed the ramp's last step)",
+                (True, True): " (both passed the ramp's last step: extend --ramp)",
+            }.get((bool(capped.get("ours")), bool(capped.get("rabbitmq"))), "")
             print(
                 f"  workload 1 max sustainable delivered msg/s: {ms['ours']:.0f} /"
                 f" {ms['rabbitmq']:.0f} = {ms['ours'] / ms['rabbitmq']:.2f}{bound}"

@@ -716,7 +716,7 @@ async def direct(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) 
         k = done_k[i]
         last = due_k[i]
         while k < last:
-            seq = base_seq + i * count + k
+            seq = base_seq + i * count + k  # the crash check's report rebuilds it so
             at = now_()
             body = env.body(u["to_field"], u["to"], u["user_id"], seq, f"{run}-{seq}", at)
             out.append(
@@ -774,7 +774,7 @@ async def direct(spec: dict[str, Any], stats: Stats, go: asyncio.Future[float]) 
         "received_per_user": received,
         "missing_receipts": sum(1 for row in sent_at for at in row if at),
     }
-    if receipted is not None:  # clientMessageIds of the receipted SENDs (see body())
+    if receipted is not None:  # clientMessageIds of the receipted SENDs, as send_due made them
         out["receipted"] = [
             f"{run}-{base_seq + i * count + k}" for i, ks in enumerate(receipted) for k in ks
         ]
